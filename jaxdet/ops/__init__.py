@@ -1,0 +1,4 @@
+"""Box ops, box coders, NMS and deformable convolution: pure jnp, no Flax, no config."""
+from jaxdet.ops.boxes import (box_area, box_cxcywh_to_xyxy, box_iof, box_iou, box_iou_aligned,
+                              box_xyxy_to_cxcywh, clip_boxes, generalized_box_iou,
+                              generalized_box_iou_aligned)
