@@ -1,0 +1,149 @@
+"""ResNet backbones (He et al. 2016) as mmdetection builds them, NHWC.
+
+`ResNet(depth=50, style='pytorch')` has exactly the parameters of mmdetection's `ResNet` without the
+classifier (23,508,032 for R50, 42,500,160 for R101; BN running statistics are not parameters).
+
+- style 'pytorch': the stride-2 of a bottleneck sits in its 3x3 conv (torchvision weights);
+  style 'caffe': in its first 1x1 conv (MSRA / detectron weights).
+- frozen_stages: -1 trains everything; 0 freezes the stem; i >= 1 freezes the stem and stages 1..i.
+  Freezing stops gradients here (`stop_gradient` on the last frozen output); the optimizer must also
+  skip weight decay for them (`frozen_param_mask`).
+- norm_eval: BN always normalises with its stored statistics and never updates them (mmdetection's
+  default for detection); otherwise BN uses batch statistics when `train=True`.
+
+Parameter names follow torchvision's (`conv1`, `bn1`, `layer1_0/conv2`, `layer1_0/downsample_0`, ...),
+so that converted checkpoints map one to one.
+"""
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                 152: (3, 8, 36, 3)}
+
+
+def conv(features, kernel, stride=1, name=None, dtype=None):
+  """A bias-free conv with PyTorch padding (kernel // 2 on every side)."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, name=name, dtype=dtype)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34). Output channels = planes."""
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  style: str = 'pytorch'
+  norm: Callable[..., Any] = None  # norm(name=...) -> a BatchNorm layer
+  dtype: jnp.dtype = None
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    identity = x
+    y = nn.relu(self.norm(name='bn1')(conv(self.planes, 3, self.stride, 'conv1', self.dtype)(x)))
+    y = self.norm(name='bn2')(conv(self.planes, 3, 1, 'conv2', self.dtype)(y))
+    if self.downsample:
+      identity = self.norm(name='downsample_1')(
+          conv(self.planes, 1, self.stride, 'downsample_0', self.dtype)(x))
+    return nn.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 -> 1x1 (ResNet-50/101/152). Output channels = 4 * planes."""
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  style: str = 'pytorch'
+  norm: Callable[..., Any] = None  # norm(name=...) -> a BatchNorm layer
+  dtype: jnp.dtype = None
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    s1, s3 = (1, self.stride) if self.style == 'pytorch' else (self.stride, 1)
+    identity = x
+    y = nn.relu(self.norm(name='bn1')(conv(self.planes, 1, s1, 'conv1', self.dtype)(x)))
+    y = nn.relu(self.norm(name='bn2')(conv(self.planes, 3, s3, 'conv2', self.dtype)(y)))
+    y = self.norm(name='bn3')(conv(self.planes * 4, 1, 1, 'conv3', self.dtype)(y))
+    if self.downsample:
+      identity = self.norm(name='downsample_1')(
+          conv(self.planes * 4, 1, self.stride, 'downsample_0', self.dtype)(x))
+    return nn.relu(y + identity)
+
+
+class ResNet(nn.Module):
+  """ResNet without the classifier.
+
+  Input `x: (B, H, W, 3)` normalised image; returns a tuple of the feature maps of the stages in
+  `out_indices` (0-based: stage i has stride 2 ** (i + 2) and `base_width * 2 ** i * expansion`
+  channels: 256, 512, 1024, 2048 for R50).
+  """
+  depth: int = 50
+  style: str = 'pytorch'
+  out_indices: Sequence[int] = (0, 1, 2, 3)
+  frozen_stages: int = 1
+  norm_eval: bool = True
+  base_width: int = 64
+  bn_eps: float = 1e-5
+  dtype: jnp.dtype = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.depth not in _STAGE_BLOCKS:
+      raise ValueError(f'ResNet depth={self.depth} is not one of {sorted(_STAGE_BLOCKS)}')
+    if self.style not in ('pytorch', 'caffe'):
+      raise ValueError(f"ResNet style={self.style!r} must be 'pytorch' or 'caffe'")
+    block_cls = BasicBlock if self.depth < 50 else Bottleneck
+    use_running = self.norm_eval or not train
+    norm = _NormFactory(use_running, self.bn_eps, self.dtype)
+
+    x = nn.relu(norm(name='bn1')(conv(self.base_width, 7, 2, 'conv1', self.dtype)(x)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.frozen_stages >= 0:
+      x = jax.lax.stop_gradient(x)
+    outs = []
+    in_ch = self.base_width
+    for i, num_blocks in enumerate(_STAGE_BLOCKS[self.depth]):
+      planes = self.base_width * 2 ** i
+      for j in range(num_blocks):
+        stride = (1 if i == 0 else 2) if j == 0 else 1
+        out_ch = planes * block_cls.expansion
+        x = block_cls(planes, stride, downsample=(j == 0 and (stride != 1 or in_ch != out_ch)),
+                      style=self.style, norm=norm, dtype=self.dtype,
+                      name=f'layer{i + 1}_{j}')(x)
+        in_ch = out_ch
+      if i + 1 <= self.frozen_stages:
+        x = jax.lax.stop_gradient(x)
+      if i in self.out_indices:
+        outs.append(x)
+    return tuple(outs)
+
+
+class _NormFactory:
+  """Builds the blocks' BatchNorm layers with the backbone's settings (a picklable callable)."""
+
+  def __init__(self, use_running, eps, dtype):
+    self.use_running, self.eps, self.dtype = use_running, eps, dtype
+
+  def __call__(self, name):
+    return nn.BatchNorm(use_running_average=self.use_running, momentum=0.9, epsilon=self.eps,
+                        name=name, dtype=self.dtype)
+
+
+def frozen_param_mask(params, frozen_stages):
+  """A pytree of bools over a ResNet's `params`: True for parameters of frozen stages.
+
+  For the optimizer (no update, no weight decay) -- mmdetection sets requires_grad=False on them.
+  """
+  frozen = {'conv1', 'bn1'} if frozen_stages >= 0 else set()
+  prefixes = tuple(f'layer{i}_' for i in range(1, frozen_stages + 1))
+
+  def is_frozen(path):
+    top = path[0].key
+    return top in frozen or (bool(prefixes) and top.startswith(prefixes))
+
+  return jax.tree_util.tree_map_with_path(lambda p, _: is_frozen(p), params)

@@ -1,0 +1,2 @@
+"""Detection heads: Flax Linen modules, one file per head, all built on `DenseHead`."""
+from jaxdet.models.heads.dense_head import DenseHead, Scale
