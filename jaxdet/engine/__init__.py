@@ -1,0 +1,1 @@
+"""Training machinery: optimizer and schedules from the config, train state, checkpoints, logging."""

@@ -1,0 +1,183 @@
+"""COCO box evaluation with pycocotools, as mmdetection's CocoMetric does it.
+
+Detections are COCO result dicts: ``dict(image_id=int, category_id=int, bbox=[x, y, w, h],
+score=float)`` in *original* image pixels with the dataset's *original* ids
+(``predictions_to_coco_results`` makes them from a model's fixed-size batched output).
+
+mmdetection's settings: ``maxDets = (100, 300, 1000)`` (AP is read at the last, which equals
+the standard 100 when a model keeps at most 100 boxes per image), all ground-truth images are
+evaluated (an image without detections counts its objects as missed), and per-class AP is the
+mean of the precision array over IoUs and recalls where it is defined (NaN without ground
+truth). pycocotools reports -1 for an area range without ground truth; that is kept.
+"""
+import contextlib
+import io
+import math
+
+import numpy as np
+
+from jaxdet.data.sources import DataError, _quiet_coco, _read_coco_json
+
+METRICS = ('mAP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+TABLE_COLUMNS = ('Network', 'Dataset', 'Backbone', 'style', 'Lr schd', 'Mem', 'mAP', 'AP50',
+                 'AP75', 'APs', 'APm', 'APl', 'img/s')
+
+
+def _load_gt(ann_file_or_coco):
+  from pycocotools.coco import COCO
+  if isinstance(ann_file_or_coco, COCO):
+    return ann_file_or_coco
+  return _quiet_coco(_read_coco_json(str(ann_file_or_coco)))
+
+
+def _check_detections(detections, gt):
+  """``DataError`` for detections that do not fit the ground truth; validates and copies ``detections`` (pycocotools' loadRes mutates its input)."""
+  img_ids, cat_ids = set(gt.getImgIds()), set(gt.getCatIds())
+  checked = []
+  for d in detections:
+    try:
+      x, y, w, h = (float(v) for v in d['bbox'])
+      det = dict(image_id=int(d['image_id']), category_id=int(d['category_id']),
+                 bbox=[x, y, w, h], score=float(d['score']))
+    except (KeyError, TypeError, ValueError):
+      raise DataError(f'detection {str(d)[:120]} is not a COCO result dict with '
+                            f'image_id, category_id, bbox=[x, y, w, h] and score') from None
+    if det['image_id'] not in img_ids:
+      raise DataError(f'detection for image_id {det["image_id"]}, which is not in the '
+                            f'ground truth ({len(img_ids)} images)')
+    if det['category_id'] not in cat_ids:
+      raise DataError(f'detection with category_id {det["category_id"]}, not one of the '
+                            f'ground-truth category ids {sorted(cat_ids)} (labels must be '
+                            f'mapped back with source.cat_ids)')
+    checked.append(det)
+  return checked
+
+
+def _mean_precision(precision):
+  precision = precision[precision > -1]
+  return float(np.mean(precision)) if precision.size else float('nan')
+
+
+def coco_evaluate(detections, ann_file_or_coco, *, img_ids=None, max_dets=(100, 300, 1000),
+                  verbose=True):
+  """Box AP of ``detections`` against a COCO ground truth.
+
+  Args:
+    detections: list of COCO result dicts (see the module docstring); may be empty.
+    ann_file_or_coco: path of a COCO annotation file or a pycocotools ``COCO``.
+    img_ids: evaluate only these image ids (default: every ground-truth image).
+    max_dets: pycocotools ``params.maxDets``; AP uses the last.
+    verbose: print pycocotools' summary and then the per-class table.
+
+  Returns:
+    dict(mAP, AP50, AP75, APs, APm, APl: floats in [0, 1] (-1: no ground truth in that
+    area range), per_class: {class name: AP}). No detections at all gives 0 (not a crash).
+  """
+  from pycocotools.cocoeval import COCOeval
+  gt = _load_gt(ann_file_or_coco)
+  dets = _check_detections(detections, gt)
+  quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+  cats = gt.loadCats(gt.getCatIds())
+  if not dets:
+    if verbose:
+      print('coco_evaluate: no detections; every metric is 0')
+    return dict({k: 0.0 for k in METRICS}, per_class={c['name']: 0.0 for c in cats})
+  with quiet:
+    dt = gt.loadRes(dets)
+    evaluator = COCOeval(gt, dt, 'bbox')
+    evaluator.params.maxDets = list(max_dets)
+    if img_ids is not None:
+      evaluator.params.imgIds = sorted(int(i) for i in img_ids)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+  precision = evaluator.eval['precision']   # (iou, recall, class, area range, max dets)
+  rows = []   # the class axis follows params.catIds (sorted ids), not the file's order
+  for k, cat in enumerate(gt.loadCats(evaluator.params.catIds)):
+    rows.append([cat['name']] + [_mean_precision(p) for p in (
+        precision[:, :, k, 0, -1], precision[0, :, k, 0, -1], precision[5, :, k, 0, -1],
+        precision[:, :, k, 1, -1], precision[:, :, k, 2, -1], precision[:, :, k, 3, -1])])
+  if verbose:
+    print(format_per_class_table(rows))
+  result = {name: float(evaluator.stats[i]) for i, name in enumerate(METRICS)}
+  result['per_class'] = {row[0]: row[1] for row in rows}
+  return result
+
+
+def format_per_class_table(rows):
+  """Markdown table of ``[name, mAP, AP50, AP75, APs, APm, APl]`` rows (3 decimals)."""
+  lines = ['| category | ' + ' | '.join(METRICS) + ' |', '|---' * (len(METRICS) + 1) + '|']
+  for name, *values in rows:
+    cells = ['nan' if math.isnan(v) else f'{v:.3f}' for v in values]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def predictions_to_coco_results(boxes, scores, labels, valid, image_ids, cat_ids, *,
+                                image_mask=None):
+  """Fixed-size batched predictions -> list of COCO result dicts with original ids.
+
+  Args:
+    boxes: (B, N, 4) xyxy in original image pixels.
+    scores: (B, N).
+    labels: (B, N) ints in 0..K-1.
+    valid: (B, N) bool; rows that are False are padding and dropped.
+    image_ids: (B,) original image ids.
+    cat_ids: sequence of K original category ids (``source.cat_ids``): label -> id.
+    image_mask: optional (B,) bool; False marks padding images (a partial last batch).
+
+  Returns:
+    list of dict(image_id, category_id, bbox=[x, y, w, h], score), image by image.
+  """
+  boxes = np.asarray(boxes, np.float64)
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels)
+  valid = np.asarray(valid, bool)
+  image_ids = np.asarray(image_ids).reshape(-1)
+  if boxes.ndim != 3 or boxes.shape[-1] != 4:
+    raise ValueError(f'boxes must be (B, N, 4), got {boxes.shape}')
+  b, n = boxes.shape[:2]
+  for name, array in (('scores', scores), ('labels', labels), ('valid', valid)):
+    if array.shape != (b, n):
+      raise ValueError(f'{name} must be {(b, n)} like boxes, got {array.shape}')
+  if image_ids.shape != (b,):
+    raise ValueError(f'image_ids must be ({b},), got {image_ids.shape}')
+  if image_mask is not None:
+    image_mask = np.asarray(image_mask, bool).reshape(-1)
+    if image_mask.shape != (b,):
+      raise ValueError(f'image_mask must be ({b},), got {image_mask.shape}')
+    valid = valid & image_mask[:, None]
+  cat_ids = np.asarray(cat_ids)
+  used = labels[valid]
+  if used.size and (used.min() < 0 or used.max() >= len(cat_ids)):
+    raise ValueError(f'labels must be in 0..{len(cat_ids) - 1} (len(cat_ids)), got '
+                     f'{used.min()}..{used.max()}')
+  xywh = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
+  results = []
+  for i, j in zip(*np.nonzero(valid)):
+    results.append(dict(image_id=int(image_ids[i]), category_id=int(cat_ids[labels[i, j]]),
+                        bbox=[float(v) for v in xywh[i, j]], score=float(scores[i, j])))
+  return results
+
+
+def _cell(column, value):
+  if value is None or value == '' or (isinstance(value, float) and math.isnan(value)):
+    return '-'
+  if column in METRICS:
+    return '-' if value < 0 else f'{100 * value:.1f}'   # AP as mmdetection's tables: x100
+  if column in ('Mem', 'img/s') and isinstance(value, (int, float, np.number)):
+    return f'{value:.1f}'
+  return str(value)
+
+
+def format_results_table(rows):
+  """A markdown table in mmdetection's README layout.
+
+  Each row is a dict keyed by ``TABLE_COLUMNS`` (Network, Dataset, Backbone, style,
+  Lr schd, Mem (GB), mAP, AP50, AP75, APs, APm, APl (fractions, shown x100), img/s);
+  ``coco_evaluate``'s result can be merged in as is. Missing values show as '-'.
+  """
+  lines = ['| ' + ' | '.join(TABLE_COLUMNS) + ' |', '|' + '---|' * len(TABLE_COLUMNS)]
+  for row in rows:
+    lines.append('| ' + ' | '.join(_cell(c, row.get(c)) for c in TABLE_COLUMNS) + ' |')
+  return '\n'.join(lines)

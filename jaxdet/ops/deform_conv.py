@@ -1,0 +1,327 @@
+"""Modulated deformable convolution (DCNv2) and DCNv1 in pure jnp.
+
+``deform_conv2d`` computes what ``torchvision.ops.deform_conv2d`` and mmcv's
+``modulated_deform_conv2d`` compute, in NHWC, with nothing to compile: it runs, jits
+and differentiates on CPU, GPU and TPU.
+
+For output pixel ``(ho, wo)``, kernel point ``(i, j)`` and deform group ``g``, the input
+is read at the fractional position::
+
+    y = ho * stride_h - pad_h + i * dilation_h + offset[b, ho, wo, g*2*K + 2*(i*kw + j)]
+    x = wo * stride_w - pad_w + j * dilation_w + offset[b, ho, wo, g*2*K + 2*(i*kw + j) + 1]
+
+(``K = kh * kw``), i.e. the offset channels hold, per deform group, per kernel point
+(row-major), a ``(dy, dx)`` pair -- the layout of mmcv and torchvision, so converted
+weights of the layer predicting the offsets work unchanged.  The sample is bilinear with
+zeros outside the input: each of the 4 neighbouring pixels that lies outside contributes
+zero, so a sample at ``y <= -1`` or ``y >= H`` (same for x) is 0.  It is multiplied by
+``mask[b, ho, wo, g*K + i*kw + j]`` and then by the kernel as in a convolution;
+input channel ``c`` belongs to deform group ``c // (Cin // deform_groups)``.
+
+Gradients match torchvision's kernels: the gradient w.r.t. a position is the one-sided
+(floor-based) derivative of the bilinear interpolation, so at an exactly integer position
+it is the forward difference ``v[y0 + 1] - v[y0]`` (at ``y == -1`` that is ``v[0]``;
+mmcv's CUDA kernel returns 0 there instead, an edge case of measure zero that only matters
+while offsets are still exactly zero).
+
+Memory.  The op is a ``jax.custom_vjp`` that loops (``lax.scan``) over the ``kh * kw``
+kernel points.  Per point it gathers the 4 neighbours of every sample and sums them into a
+``(B, Ho, Wo, Cin)`` column block (1 / (kh*kw) of the im2col matrix), multiplies it with
+that point's ``(Cin, Cout)`` kernel slice and accumulates the output.  Only the inputs are
+saved for the backward pass; it recomputes the samples point by point, so neither the full
+im2col matrix nor the 4 bilinear corners are ever kept alive: the largest intermediates are
+a few ``(B, Ho, Wo, Cin)`` blocks plus the gradient buffers of the inputs.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class _Config(NamedTuple):
+  """Static configuration of one deformable convolution (hashable for custom_vjp)."""
+  stride: tuple
+  padding: tuple
+  dilation: tuple
+  groups: int
+  deform_groups: int
+  precision: object
+
+
+def _pair(value, name):
+  if isinstance(value, int) and not isinstance(value, bool):
+    value = (value, value)
+  value = tuple(value)
+  if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+  return value
+
+
+def output_size(size, kernel_size, stride, padding, dilation):
+  """Output length of a convolution along one axis (as ``torch.nn.Conv2d``)."""
+  return (size + 2 * padding - (dilation * (kernel_size - 1) + 1)) // stride + 1
+
+
+def deform_conv2d(x, offset, mask, kernel, *, stride=1, padding=1, dilation=1, deform_groups=1,
+                  groups=1, precision=None):
+  """Modulated deformable convolution (DCNv2; DCNv1 when ``mask`` is None), no bias.
+
+  Args:
+    x: ``(B, H, W, Cin)`` input, NHWC.
+    offset: ``(B, Ho, Wo, deform_groups * kh * kw * 2)`` offsets in input pixels; channel
+      ``g * 2*kh*kw + 2 * (i*kw + j) + {0: dy, 1: dx}`` (mmcv / torchvision layout).
+    mask: ``(B, Ho, Wo, deform_groups * kh * kw)`` modulation in [0, 1] (channel
+      ``g * kh*kw + i*kw + j``), or None for DCNv1 (a mask of ones).
+    kernel: ``(kh, kw, Cin // groups, Cout)`` (HWIO, as ``flax.linen.Conv``).
+    stride, padding, dilation: ints or ``(h, w)`` pairs; padding is symmetric zeros.
+    deform_groups: the input channels split into this many groups, each with its own offsets
+      and mask.
+    groups: ordinary grouped convolution (``Cin`` and ``Cout`` divisible by it).
+    precision: passed to the matrix products (``jax.lax.Precision``), e.g. ``'highest'``
+      to avoid TF32 / bf16 passes on accelerators.
+
+  Returns:
+    ``(B, Ho, Wo, Cout)``, ``Ho = (H + 2*pad_h - dilation_h*(kh-1) - 1) // stride_h + 1``.
+  """
+  stride = _pair(stride, "stride")
+  padding = _pair(padding, "padding")
+  dilation = _pair(dilation, "dilation")
+  if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+    raise ValueError(f"need stride >= 1, dilation >= 1, padding >= 0; got stride={stride}, "
+                     f"dilation={dilation}, padding={padding}")
+  x = jnp.asarray(x)
+  offset = jnp.asarray(offset)
+  kernel = jnp.asarray(kernel)
+  if x.ndim != 4:
+    raise ValueError(f"x must be (B, H, W, Cin), got shape {x.shape}")
+  if kernel.ndim != 4:
+    raise ValueError(f"kernel must be (kh, kw, Cin // groups, Cout), got shape {kernel.shape}")
+  b, h, w, cin = x.shape
+  kh, kw, cin_per_group, cout = kernel.shape
+  if groups < 1 or cin % groups or cout % groups:
+    raise ValueError(f"groups={groups} must divide Cin={cin} and Cout={cout}")
+  if cin_per_group * groups != cin:
+    raise ValueError(f"kernel shape {kernel.shape} needs Cin // groups = {cin // groups} input "
+                     f"channels (x has Cin={cin}, groups={groups})")
+  if deform_groups < 1 or cin % deform_groups:
+    raise ValueError(f"deform_groups={deform_groups} must divide Cin={cin}")
+  ho = output_size(h, kh, stride[0], padding[0], dilation[0])
+  wo = output_size(w, kw, stride[1], padding[1], dilation[1])
+  if ho < 1 or wo < 1:
+    raise ValueError(f"input {h}x{w} too small for kernel {kh}x{kw} with padding {padding}, "
+                     f"dilation {dilation}: output would be {ho}x{wo}")
+  k = kh * kw
+  if offset.shape != (b, ho, wo, deform_groups * k * 2):
+    raise ValueError(f"offset must have shape {(b, ho, wo, deform_groups * k * 2)} "
+                     f"(B, Ho, Wo, deform_groups*kh*kw*2), got {offset.shape}")
+  if mask is None:
+    mask = jnp.ones((b, ho, wo, deform_groups * k), x.dtype)
+  mask = jnp.asarray(mask)
+  if mask.shape != (b, ho, wo, deform_groups * k):
+    raise ValueError(f"mask must have shape {(b, ho, wo, deform_groups * k)} "
+                     f"(B, Ho, Wo, deform_groups*kh*kw), got {mask.shape}")
+  for name, arr in (("x", x), ("offset", offset), ("mask", mask), ("kernel", kernel)):
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got {arr.dtype}")
+  config = _Config(stride, padding, dilation, groups, deform_groups, precision)
+  return _deform_conv(config, x, offset, mask, kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# Implementation.  Shapes inside: N = B*Ho*Wo flattened into (B, Ho, Wo); dg deform groups,
+# cg = Cin // dg channels each; x is viewed as rows of cg channels: row = pixel * dg + g.
+
+
+def _per_point_inputs(config, x, offset, mask, kernel):
+  """Reshape everything so that the kernel-point axis K leads (the scan axis)."""
+  b, h, w, cin = x.shape
+  kh, kw, cin_g, cout = kernel.shape
+  _, ho, wo, _ = offset.shape
+  dg, k = config.deform_groups, kh * kw
+  # Sample grid before the offsets: (K,) per axis, and (Ho,), (Wo,) output origins.
+  ii, jj = jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij")
+  point_y = (ii.reshape(k) * config.dilation[0]).astype(jnp.float32)
+  point_x = (jj.reshape(k) * config.dilation[1]).astype(jnp.float32)
+  # (B, Ho, Wo, dg, K, 2) -> (K, B, Ho, Wo, dg, 2); mask (K, B, Ho, Wo, dg).
+  off = jnp.moveaxis(offset.reshape(b, ho, wo, dg, k, 2), 4, 0).astype(jnp.float32)
+  msk = jnp.moveaxis(mask.reshape(b, ho, wo, dg, k), 4, 0)
+  # Kernel per point and group: (K, G, Cin/G, Cout/G).
+  g = config.groups
+  kern = kernel.reshape(k, cin_g, g, cout // g).transpose(0, 2, 1, 3)
+  return point_y, point_x, off, msk, kern
+
+
+def _origins(config, ho, wo):
+  oy = (jnp.arange(ho) * config.stride[0] - config.padding[0]).astype(jnp.float32)
+  ox = (jnp.arange(wo) * config.stride[1] - config.padding[1]).astype(jnp.float32)
+  return oy[None, :, None, None], ox[None, None, :, None]  # broadcast to (B, Ho, Wo, dg)
+
+
+def _corners(config, shape, py, px):
+  """The 4 bilinear neighbours of positions ``py, px (B, Ho, Wo, dg)``.
+
+  Returns ``rows`` (4, B, Ho, Wo, dg) int32 row indices into x viewed as
+  ``(B*H*W*dg, cg)`` (clamped into range), ``valid`` (4, ...) whether the neighbour lies in
+  the image, ``weights`` (4, ...) float32 bilinear weights with the out-of-image neighbours
+  zeroed, and ``(ly, lx)`` the fractional parts.
+  Corner order: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
+  """
+  b, h, w, _ = shape
+  dg = config.deform_groups
+  y0 = jnp.floor(py)
+  x0 = jnp.floor(px)
+  ly, lx = py - y0, px - x0
+  y0 = y0.astype(jnp.int32)
+  x0 = x0.astype(jnp.int32)
+  bidx = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]
+  gidx = jnp.arange(dg, dtype=jnp.int32)
+  rows, valids, weights = [], [], []
+  for cy, cx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+    yy, xx = y0 + cy, x0 + cx
+    valid = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    wy = ly if cy else 1 - ly
+    wx = lx if cx else 1 - lx
+    valids.append(valid)
+    weights.append(jnp.where(valid, wy * wx, 0.0))
+    pixel = (bidx * h + jnp.clip(yy, 0, h - 1)) * w + jnp.clip(xx, 0, w - 1)
+    rows.append(pixel * dg + gidx)
+  # The barrier keeps XLA from fusing this index arithmetic into the gathers, where it
+  # would be recomputed for every channel (10x slower on CPU).
+  return lax.optimization_barrier(
+      (jnp.stack(rows), jnp.stack(valids), jnp.stack(weights), (ly, lx)))
+
+
+def _gather(xrows, rows):
+  """``xrows (R, cg)`` at ``rows (B, Ho, Wo, dg)`` -> ``(B, Ho, Wo, dg, cg)``."""
+  return xrows.at[rows].get(mode="promise_in_bounds")
+
+
+def _columns(xrows, rows, weights, msk_k):
+  """Masked bilinear samples ``(B, Ho, Wo, dg, cg)`` of one kernel point."""
+  wts = (weights * msk_k[None].astype(weights.dtype)).astype(xrows.dtype)
+  return sum(wts[c][..., None] * _gather(xrows, rows[c]) for c in range(4))
+
+
+def _dot(a, b, spec, config):
+  """``jnp.einsum(spec, a, b)`` for specs with a group axis ``g``; for a single group it
+  drops that axis and uses a plain 2-D dot (several times faster on CPU)."""
+  if a.shape[spec.index("g")] == 1:
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    squeeze = lambda t, s: (t.reshape([d for d, c in zip(t.shape, s) if c != "g"]),
+                            s.replace("g", ""))
+    (a, lhs), (b, rhs) = squeeze(a, lhs), squeeze(b, rhs)
+    res = jnp.einsum(f"{lhs},{rhs}->{out.replace('g', '')}", a, b, precision=config.precision)
+    return jnp.expand_dims(res, out.index("g"))
+  return jnp.einsum(spec, a, b, precision=config.precision)
+
+
+def _point_matmul(cols, kern_k, config):
+  """``cols (B, Ho, Wo, Cin)`` @ ``kern_k (G, Cin/G, Cout/G)`` -> ``(B, Ho, Wo, Cout)``."""
+  b, ho, wo, cin = cols.shape
+  g = config.groups
+  out = _dot(cols.reshape(-1, g, cin // g), kern_k, "ngc,gco->ngo", config)
+  return out.reshape(b, ho, wo, -1)
+
+
+def _forward(config, x, offset, mask, kernel):
+  b, h, w, cin = x.shape
+  _, ho, wo, _ = offset.shape
+  dg = config.deform_groups
+  cout = kernel.shape[-1]
+  xrows = x.reshape(b * h * w * dg, cin // dg)
+  py, px, off, msk, kern = _per_point_inputs(config, x, offset, mask, kernel)
+  oy, ox = _origins(config, ho, wo)
+  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
+
+  def step(acc, point):
+    py_k, px_k, off_k, msk_k, kern_k = point
+    rows, _, weights, _ = _corners(config, x.shape, oy + py_k + off_k[..., 0],
+                                ox + px_k + off_k[..., 1])
+    cols = _columns(xrows, rows, weights, msk_k).reshape(b, ho, wo, cin)
+    return acc + _point_matmul(cols, kern_k, config).astype(acc.dtype), None
+
+  acc = jnp.zeros((b, ho, wo, cout), out_dtype)
+  out, _ = lax.scan(step, acc, (py, px, off, msk, kern))
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _deform_conv(config, x, offset, mask, kernel):
+  return _forward(config, x, offset, mask, kernel)
+
+
+def _deform_conv_fwd(config, x, offset, mask, kernel):
+  # Residuals are the inputs only: the backward pass recomputes the samples.
+  return _forward(config, x, offset, mask, kernel), (x, offset, mask, kernel)
+
+
+def _deform_conv_bwd(config, residuals, grad_out):
+  x, offset, mask, kernel = residuals
+  b, h, w, cin = x.shape
+  _, ho, wo, _ = offset.shape
+  kh, kw, cin_g, cout = kernel.shape
+  dg, g = config.deform_groups, config.groups
+  cg = cin // dg
+  xrows = x.reshape(b * h * w * dg, cg)
+  py, px, off, msk, kern = _per_point_inputs(config, x, offset, mask, kernel)
+  oy, ox = _origins(config, ho, wo)
+  grad_out = grad_out.astype(jnp.result_type(x.dtype, kernel.dtype))
+  n = b * ho * wo
+  grad_out_g = grad_out.reshape(n, g, cout // g)
+
+  points = (py, px, off, msk, kern)
+
+  def point_corners(point):
+    py_k, px_k, off_k, _, _ = point
+    return _corners(config, x.shape, oy + py_k + off_k[..., 0], ox + px_k + off_k[..., 1])
+
+  # Two passes over the kernel points, so that the column block and the column gradient are
+  # never alive together (XLA's CPU scheduler would otherwise compute both up front).
+  def kernel_step(carry, point):
+    rows, _, weights, _ = point_corners(point)
+    cols = _columns(xrows, rows, weights, point[3]).reshape(n, g, cin // g)
+    return carry, _dot(cols, grad_out_g, "ngc,ngo->gco", config)
+
+  _, grad_kern = lax.scan(kernel_step, None, points)
+
+  def input_step(grad_xrows, point):
+    rows, valid, weights, (ly, lx) = point_corners(point)
+    msk32 = point[3].astype(jnp.float32)
+    grad_cols = _dot(grad_out_g, point[4], "ngo,gco->ngc", config)
+    grad_cols = grad_cols.reshape(b, ho, wo, dg, cg).astype(x.dtype)
+
+    # Inner loops over the 4 corners keep a single (B, Ho, Wo, Cin) block alive beside
+    # grad_cols: a[c] = <grad_cols, value of corner c> per sample, then the scatter of
+    # grad_cols * weight into the input gradient.
+    def corner_dot(carry, rows_c):
+      return carry, jnp.sum(grad_cols * _gather(xrows, rows_c), axis=-1, dtype=jnp.float32)
+
+    def corner_scatter(grad_xrows, corner):
+      rows_c, wts_c = corner
+      return grad_xrows.at[rows_c].add(wts_c[..., None] * grad_cols,
+                                       mode="promise_in_bounds"), None
+
+    _, a = lax.scan(corner_dot, None, rows)
+    a = jnp.where(valid, a, 0.0)  # out-of-image corners count 0
+    wts = (weights * msk32[None]).astype(x.dtype)
+    grad_xrows, _ = lax.scan(corner_scatter, grad_xrows, (rows, wts))
+    grad_msk_k = jnp.sum(weights * a, axis=0)
+    grad_dy = msk32 * ((1 - lx) * (a[2] - a[0]) + lx * (a[3] - a[1]))
+    grad_dx = msk32 * ((1 - ly) * (a[1] - a[0]) + ly * (a[3] - a[2]))
+    return grad_xrows, (jnp.stack([grad_dy, grad_dx], axis=-1), grad_msk_k)
+
+  grad_xrows = jnp.zeros((b * h * w * dg, cg), x.dtype)
+  grad_xrows, (grad_off, grad_msk) = lax.scan(input_step, grad_xrows, points)
+  grad_x = grad_xrows.reshape(x.shape)
+  # (K, B, Ho, Wo, dg, 2) -> (B, Ho, Wo, dg, K, 2) -> offset layout.
+  grad_offset = jnp.moveaxis(grad_off, 0, 4).reshape(offset.shape).astype(offset.dtype)
+  grad_mask = jnp.moveaxis(grad_msk, 0, 4).reshape(mask.shape).astype(mask.dtype)
+  # (K, G, Cin/G, Cout/G) -> (kh, kw, Cin/G, Cout).
+  grad_kernel = grad_kern.transpose(0, 2, 1, 3).reshape(kernel.shape).astype(kernel.dtype)
+  return grad_x, grad_offset, grad_mask, grad_kernel
+
+
+_deform_conv.defvjp(_deform_conv_fwd, _deform_conv_bwd)
