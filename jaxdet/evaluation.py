@@ -31,7 +31,10 @@ def _load_gt(ann_file_or_coco):
 
 
 def _check_detections(detections, gt):
-  """``DataError`` for detections that do not fit the ground truth; validates and copies ``detections`` (pycocotools' loadRes mutates its input)."""
+  """Validated copies of ``detections`` (pycocotools' loadRes mutates its input).
+
+  Raises ``DataError`` for a detection that does not fit the ground truth.
+  """
   img_ids, cat_ids = set(gt.getImgIds()), set(gt.getCatIds())
   checked = []
   for d in detections:

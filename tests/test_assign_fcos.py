@@ -59,12 +59,14 @@ def point_grid(height, width, strides):
 
 
 def random_scene(rng, height, width, num_slots, max_real):
-  """Gts on a half-pixel lattice (points sit on it too: boundary ties happen) with equal-area
-  pairs, padded with garbage rows."""
+  """Gts on a half-pixel lattice (points sit on it too: boundary ties happen) or real-valued,
+  with equal-area pairs, padded with garbage rows."""
   n = rng.integers(0, max_real + 1)
   xy = rng.integers(0, [2 * width - 8, 2 * height - 8], size=(n, 2)) / 2
   wh = rng.integers(4, [width, height], size=(n, 2)) / 2
   boxes = np.concatenate([xy, np.minimum(xy + wh, [width, height])], 1).astype(F32)
+  if rng.random() < 0.3:
+    boxes = (boxes + rng.uniform(-1, 1, boxes.shape)).astype(F32)
   if n >= 2:
     boxes[-1] = boxes[0] + np.float32([4, 4, 4, 4])  # same area, overlapping: an area tie
   slots = np.sort(rng.choice(num_slots, size=n, replace=False))

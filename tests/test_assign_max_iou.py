@@ -82,11 +82,14 @@ def retina_like_anchors(height, width, strides=(8, 16)):
 
 
 def random_scene(rng, height, width, num_slots, max_real):
-  """Integer-coordinate gts (duplicates included, to make ties) padded with garbage rows."""
+  """Gts padded with garbage rows: integer coordinates (exact IoUs, so ties; duplicates too)
+  or real-valued ones (rounded IoUs, where a fused multiply-add would show)."""
   n = rng.integers(0, max_real + 1)
   xy = rng.integers(0, [width - 4, height - 4], size=(n, 2))
   wh = rng.integers(6, [width // 2, height // 2], size=(n, 2))
   boxes = np.concatenate([xy, np.minimum(xy + wh, [width, height])], 1).astype(np.float32)
+  if rng.random() < 0.5:
+    boxes = (boxes + rng.uniform(-3, 3, boxes.shape)).astype(np.float32)
   if n >= 2 and rng.random() < 0.7:
     boxes[-1] = boxes[0]  # an exact duplicate: every anchor ties between the two
   slots = np.sort(rng.choice(num_slots, size=n, replace=False))

@@ -87,6 +87,33 @@ def test_coco_records_contiguous_labels_and_original_ids(tmp_path):
     src[3]
 
 
+def _index_info_from_records(src):
+  """The slow way: decode every record and count non-crowd boxes >= 1 px."""
+  heights, widths, targets = [], [], []
+  for i in range(len(src)):
+    r = src[i]
+    heights.append(r['image'].shape[0])
+    widths.append(r['image'].shape[1])
+    wh = r['boxes'][:, 2:] - r['boxes'][:, :2]
+    targets.append(int(np.sum(~r['crowd'] & (wh[:, 0] >= 1) & (wh[:, 1] >= 1))))
+  return heights, widths, targets
+
+
+def test_coco_index_info_matches_the_records(tmp_path):
+  anns = [dict(id=1, image_id=11, category_id=42, bbox=[1, 2, 5, 6], area=30),
+          dict(id=2, image_id=11, category_id=3, bbox=[0, 0, 10, 4], area=40, iscrowd=1),
+          dict(id=3, image_id=30, category_id=7, bbox=[2, 3, 4, 4], area=16),
+          dict(id=4, image_id=30, category_id=7, bbox=[9.5, 3, 4, 4], area=16),   # 0.5 px wide
+          dict(id=5, image_id=30, category_id=3, bbox=[1, 1, 2, 2], area=4)]
+  ann_file, img_dir, _ = make_coco(tmp_path, annotations=anns)
+  src = CocoSource(ann_file, img_dir)
+  info = src.index_info()
+  heights, widths, targets = _index_info_from_records(src)
+  assert info['heights'].tolist() == heights == [16, 18, 10]
+  assert info['widths'].tolist() == widths == [20, 12, 10]
+  assert info['num_targets'].tolist() == targets == [1, 0, 2]
+
+
 def test_coco_detections_carry_original_ids_and_score_perfectly(tmp_path):
   ann_file, img_dir, _ = make_coco(tmp_path)
   src = CocoSource(ann_file, img_dir)
@@ -100,7 +127,8 @@ def test_coco_detections_carry_original_ids_and_score_perfectly(tmp_path):
     r = src[i]
     keep = ~r['crowd']
     n = keep.sum()
-    boxes[i, :n], labels[i, :n], scores[i, :n], valid[i, :n] = r['boxes'][keep], r['labels'][keep], 0.9, True
+    boxes[i, :n], labels[i, :n] = r['boxes'][keep], r['labels'][keep]
+    scores[i, :n], valid[i, :n] = 0.9, True
   results = predictions_to_coco_results(boxes, scores, labels, valid, src.image_ids, src.cat_ids)
   assert sorted((d['image_id'], d['category_id']) for d in results) == [(5, 7), (11, 42)]
   d = [d for d in results if d['image_id'] == 11][0]
@@ -152,7 +180,21 @@ def test_boxes_outside_are_clipped_and_degenerate_ones_dropped(tmp_path):
   np.testing.assert_array_equal(r['labels'], [0, 0, 2])
 
 
-@pytest.mark.parametrize('kind', ['gray', 'rgba', 'gray16', 'palette', 'jpeg_cmyk'])
+def _png16_rgb(array):
+  """A 48-bit RGB PNG written by hand (Pillow cannot write one). ``array (H, W, 3) uint16``."""
+  import struct
+  import zlib
+  h, w, _ = array.shape
+  raw = b''.join(b'\x00' + array[y].astype('>u2').tobytes() for y in range(h))
+
+  def chunk(kind, data):
+    return (struct.pack('>I', len(data)) + kind + data
+            + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0))
+          + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('kind', ['gray', 'rgba', 'gray16', 'rgb16', 'palette', 'tiff_cmyk'])
 def test_unusual_image_modes_are_converted_to_rgb(tmp_path, kind):
   rng = np.random.default_rng(0)
   ann_file, img_dir, _ = make_coco(tmp_path, [dict(id=1, file_name='x.img', width=6, height=4)], [],
@@ -172,6 +214,11 @@ def test_unusual_image_modes_are_converted_to_rgb(tmp_path, kind):
     with Image.open(path) as check:
       assert check.mode.startswith('I')   # really a 16-bit file
     expected = np.stack([(g >> 8).astype(np.uint8)] * 3, -1)
+  elif kind == 'rgb16':
+    a = rng.integers(0, 65536, (4, 6, 3), dtype=np.uint16)
+    with open(path, 'wb') as f:
+      f.write(_png16_rgb(a))
+    expected = (a >> 8).astype(np.uint8)
   elif kind == 'palette':
     palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
     index = rng.integers(0, 256, (4, 6), dtype=np.uint8)
@@ -234,8 +281,10 @@ def test_annotation_file_that_is_a_directory(tmp_path):
 @pytest.mark.parametrize('content, needle', [
     ([1, 2, 3], 'top level'),
     (dict(annotations=[], categories=CATEGORIES), '"images"'),
-    (dict(images=[dict(id=1, file_name='a.png', width=2, height=2)], annotations=[]), '"categories"'),
-    (dict(images=[dict(id=1, width=2, height=2)], annotations=[], categories=CATEGORIES), 'file_name'),
+    (dict(images=[dict(id=1, file_name='a.png', width=2, height=2)], annotations=[]),
+     '"categories"'),
+    (dict(images=[dict(id=1, width=2, height=2)], annotations=[], categories=CATEGORIES),
+     'file_name'),
     (dict(images=[dict(id=1, file_name='a.png')], annotations=[], categories=CATEGORIES), 'width'),
     (dict(images=[dict(id=1, file_name='a.png', width=2, height=2)], categories=CATEGORIES,
           annotations=[dict(id=9, image_id=1, category_id=3, bbox=[1, 2, 3])]), 'annotation id 9'),
@@ -281,6 +330,21 @@ def test_listed_image_missing_on_disk(tmp_path):
   assert src.image_ids == [11, 30] and len(src) == 2
   assert src[1]['image_id'] == 30 and src[1]['boxes'].shape == (0, 4)
   np.testing.assert_array_equal(src[0]['labels'], [2, 0])
+  for name in ('a.png', 'c.png'):
+    os.remove(os.path.join(img_dir, name))
+  with pytest.raises(DataError) as e:
+    CocoSource(ann_file, img_dir, skip_bad_images=True)
+  _one_line_error(e, 'none of the 3 images')
+
+
+def test_test_set_without_annotations_key(tmp_path):
+  ann_file, img_dir, _ = make_coco(tmp_path)
+  data = json.loads(open(ann_file).read())
+  del data['annotations']
+  with open(ann_file, 'w') as f:
+    json.dump(data, f)
+  src = CocoSource(ann_file, img_dir)
+  assert len(src) == 3 and all(src[i]['boxes'].shape == (0, 4) for i in range(3))
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
@@ -356,7 +420,8 @@ def _tfds_examples(split):
     n = i % 3   # 0, 1, 2 objects
     y0, x0 = rng.uniform(0, 0.4, (2, n))
     y1, x1 = y0 + rng.uniform(0.2, 0.6, n), x0 + rng.uniform(0.2, 0.6, n)
-    examples.append(dict(pixels=_pixels(h, w, 10 + i), yxyx=np.stack([y0, x0, y1, x1], 1).astype(np.float32),
+    examples.append(dict(pixels=_pixels(h, w, 10 + i),
+                         yxyx=np.stack([y0, x0, y1, x1], 1).astype(np.float32),
                          labels=rng.integers(0, 3, n), crowd=np.arange(n) == 1, id=1000 + 7 * i))
   return examples
 
@@ -418,6 +483,15 @@ def test_tfds_round_trip(tfds_dir):
     np.testing.assert_array_equal(r['labels'], ex['labels'])
     np.testing.assert_array_equal(r['crowd'], ex['crowd'])
     assert r['labels'].dtype == np.int32 and r['boxes'].dtype == np.float32
+
+
+def test_tfds_index_info_matches_the_records(tfds_dir):
+  src = TfdsSource('tiny_coco_layout', 'train', data_dir=tfds_dir)
+  info = src.index_info()
+  heights, widths, targets = _index_info_from_records(src)
+  assert info['heights'].tolist() == heights
+  assert info['widths'].tolist() == widths
+  assert info['num_targets'].tolist() == targets == [0, 1, 1]   # 0, 1, 2 objects; 1 crowd
 
 
 def test_tfds_ground_truth_from_the_split_and_perfect_detections(tfds_dir):

@@ -113,74 +113,164 @@ def _sq(x):
   return _rounded(x * x)
 
 
-def _precedes(d1, ky1, kx1, i1, d2, ky2, kx2, i2):
-  """True where candidate 1 comes before candidate 2 in the order (d, ky, kx, index)."""
-  return (d1 < d2) | ((d1 == d2) & (
-      (ky1 < ky2) | ((ky1 == ky2) & ((kx1 < kx2) | ((kx1 == kx2) & (i1 < i2))))))
+def _materialize(x):
+  """``x`` unchanged, but computed once: XLA:CPU fuses cheap producers into every consumer,
+  which here would recompute them for every pair of a pairwise comparison (a reduction is
+  never duplicated that way)."""
+  lowest = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+  return jnp.max(jnp.stack([x, jnp.full_like(x, lowest)]), axis=0)
+
+
+def _rank(*keys):
+  """Rank of each entry along the last axis in the order (keys..., position), most
+  significant key first: (..., m) arrays -> (..., m) int32, a permutation of 0 .. m - 1."""
+  m = keys[0].shape[-1]
+  before = jnp.asarray(np.arange(m)[None, :] < np.arange(m)[:, None])  # [j, i]: i before j
+  for key in reversed(keys):
+    a, b = key[..., None, :], key[..., :, None]
+    before = (a < b) | ((a == b) & before)
+  return jnp.sum(before, axis=-1, dtype=jnp.int32)
+
+
+def _nearest_lines(centres, line_ok, g, topk):
+  """The ``min(topk, N)`` lines (columns or rows) of each level nearest to ``g``, in order.
+
+  centres: (L, n, N) float32 line centres per level and base anchor, increasing along N by a
+  regular step; line_ok: (L, n, N) bool, valid lines (a prefix: padding lines are invalid);
+  g: (G,) gt centres.  Lines are ranked by (key, centre), key = (centre - g)**2 rounded as in
+  the distance, invalid lines last.
+
+  Returns (G, L, n, k) arrays: line index, key, centre, validity, in rank order.
+
+  Why the 2k + 2 lines around the p valid lines left of g hold the k first: keys decrease up
+  to line p - 1 and increase from p; a line right of ``p + k - 1`` comes after the k lines
+  p .. p + k - 1 (keys no larger, centres smaller), one left of ``p - k`` after the k lines
+  p - k .. p - 1 (keys strictly smaller: the lines are a step apart, and their squares differ
+  in float32 while |coordinates| < 1e6 px).  p is estimated from the step to within 1.
+  """
+  num_lines = centres.shape[-1]
+  width = min(2 * topk + 2, num_lines)
+  num_valid = jnp.sum(line_ok, axis=-1)  # (L, n)
+  first, last = centres[..., 0], jnp.take_along_axis(
+      centres, jnp.maximum(num_valid - 1, 0)[..., None], axis=-1)[..., 0]
+  step = (last - first) / jnp.maximum(num_valid - 1, 1)
+  step = jnp.where(step > 0, step, 1.)
+  g = g[:, None, None]  # (G, 1, 1)
+  left = jnp.ceil((jnp.clip(g, first - step, last + step) - first) / step)
+  left = jnp.clip(left.astype(jnp.int32), 0, num_valid)  # (G, L, n), within 1 of p
+  start = _materialize(jnp.clip(left - topk - 1, 0, num_lines - width))
+  lines = start[..., None] + np.arange(width)  # (G, L, n, width)
+  gather = lambda x, i: jnp.take_along_axis(jnp.broadcast_to(x, i.shape[:-1] + x.shape[-1:]),
+                                            i, axis=-1)
+  key = _materialize(jnp.where(gather(line_ok, lines), _sq(gather(centres, lines) - g[..., None]),
+                               jnp.inf))
+  rank = _rank(key)  # centre order = position order within the window
+  # Window position of rank r (an integer sum, which XLA vectorises, unlike a float one).
+  pos = jnp.sum(jnp.where(rank[..., None, :] == np.arange(min(topk, width))[:, None],
+                          np.arange(width), 0), axis=-1)
+  ranked = start[..., None] + pos
+  return ranked, gather(key, pos), gather(centres, ranked), gather(line_ok, ranked)
+
+
+def _grid_tables(levels):
+  """Static anchor indices of each level's first row and first column, padded to a box.
+
+  Returns ``cols[l, b, i]``: the index of the anchor (row 0, column i, base anchor b) of
+  level l, ``rows[l, b, j]`` that of (row j, column 0, b), masks of their real entries, and
+  per-level (start, width, anchors per location) as (L, 1, 1) arrays.
+  """
+  per_loc = [count // (h * w) for _, count, (h, w) in levels]
+  n = max(per_loc)
+  max_h = max(h for _, _, (h, _) in levels)
+  max_w = max(w for _, _, (_, w) in levels)
+  cols = np.zeros((len(levels), n, max_w), np.int32)
+  rows = np.zeros((len(levels), n, max_h), np.int32)
+  cols_real, rows_real = np.zeros(cols.shape, bool), np.zeros(rows.shape, bool)
+  for l, ((start, _, (h, w)), b) in enumerate(zip(levels, per_loc)):
+    cols[l, :b, :w] = start + np.arange(w)[None, :] * b + np.arange(b)[:, None]
+    rows[l, :b, :h] = start + np.arange(h)[None, :] * w * b + np.arange(b)[:, None]
+    cols_real[l, :b, :w] = rows_real[l, :b, :h] = True
+  start, width, per_loc = (np.array(x, np.int32).reshape(-1, 1, 1) for x in (
+      [s for s, _, _ in levels], [w for _, _, (_, w) in levels], per_loc))
+  return cols, cols_real, rows, rows_real, (start, width, per_loc)
 
 
 def _grid_candidates(anchors, valid, gt_cx, gt_cy, levels, topk):
-  """Candidates found on each level's grid.
+  """Candidates found on each level's grid, all levels at once (padded to the largest).
 
-  Returns ``cand (G, C)`` int32 anchor indices (C = candidates over all levels, static) and
-  ``selected (G, C)`` bool: the anchors step 1 selects (the rest are other cells looked at).
+  Returns ``cand (G, L * topk)`` int32 anchor indices and ``selected (G, L * topk)`` bool, which
+  of them are candidates (a level with fewer than topk valid anchors fills fewer).
   """
-  cands, selected = [], []
-  for start, count, (height, width) in levels:
-    per_loc = count // (height * width)
-    level = anchors[start:start + count].reshape(height, width, per_loc, 4)
-    cx = ((level[0, :, :, 0] + level[0, :, :, 2]) / 2.).T  # (n, W): column centres
-    cy = ((level[:, 0, :, 1] + level[:, 0, :, 3]) / 2.).T  # (n, H): row centres
-    level_valid = valid[start:start + count].reshape(height, width, per_loc)
-    col_ok = level_valid.any(axis=(0, 2))
-    row_ok = level_valid.any(axis=(1, 2))
-    kx = _sq(cx[None] - gt_cx[:, None, None])  # (G, n, W)
-    ky = _sq(cy[None] - gt_cy[:, None, None])  # (G, n, H)
-    n_cols, n_rows = min(topk, width), min(topk, height)
-    # Columns (rows) ranked by (kx, column): top_k keeps the lower index first on ties.
-    _, cols = jax.lax.top_k(-jnp.where(col_ok, kx, jnp.inf), n_cols)  # (G, n, n_cols)
-    _, rows = jax.lax.top_k(-jnp.where(row_ok, ky, jnp.inf), n_rows)
-    col_rank, row_rank = zip(*[(a, b) for a in range(n_cols) for b in range(n_rows)
-                               if (a + 1) * (b + 1) <= topk])
-    col = cols[..., np.array(col_rank)]  # (G, n, P)
-    row = rows[..., np.array(row_rank)]
-    kx_c = jnp.take_along_axis(kx, col, axis=-1)
-    ky_c = jnp.take_along_axis(ky, row, axis=-1)
-    base = jnp.arange(per_loc, dtype=jnp.int32)[None, :, None]
-    index = start + (row * width + col) * per_loc + base
-    num_gts = kx.shape[0]
-    kx_c, ky_c, index = (x.reshape(num_gts, -1) for x in (kx_c, ky_c, index))
-    ok = valid[index]
-    dist = jnp.sqrt(kx_c + ky_c)
-    # Exact top-k among the looked-at cells: fewer than topk valid cells precede it.
-    before = _precedes(dist[:, :, None], ky_c[:, :, None], kx_c[:, :, None], index[:, :, None],
-                       dist[:, None, :], ky_c[:, None, :], kx_c[:, None, :], index[:, None, :])
-    rank = jnp.sum(before & ok[:, :, None], axis=1)
-    cands.append(index)
-    selected.append(ok & (rank < topk))
-  return jnp.concatenate(cands, axis=1), jnp.concatenate(selected, axis=1)
+  num_anchors = anchors.shape[0]
+  cols, cols_real, rows, rows_real, (start, width, per_loc) = _grid_tables(levels)
+  cx = (anchors[cols, 0] + anchors[cols, 2]) / 2.  # (L, n, W): column centres
+  cy = (anchors[rows, 1] + anchors[rows, 3]) / 2.  # (L, n, H): row centres
+  col, kx, cx, col_ok = _nearest_lines(cx, cols_real & valid[cols], gt_cx, topk)
+  row, ky, cy, row_ok = _nearest_lines(cy, rows_real & valid[rows], gt_cy, topk)
+  # The cells of column rank a and row rank b with (a + 1) * (b + 1) <= topk, by (b, a).
+  row_rank, col_rank = (np.array(r) for r in zip(*[
+      (b, a) for b in range(row.shape[-1]) for a in range(col.shape[-1])
+      if (a + 1) * (b + 1) <= topk]))
+  cell = lambda x, r: jnp.swapaxes(x[..., r], -1, -2)  # (G, L, n, k) -> (G, L, P, n)
+  n = cols.shape[1]
+  index = start + (cell(row, row_rank) * width + cell(col, col_rank)) * per_loc + np.arange(n)
+  index = jnp.clip(index, 0, num_anchors - 1)  # padding cells point anywhere: invalid below
+  ok = cell(col_ok, col_rank) & cell(row_ok, row_rank) & valid[index]
+  dist = _materialize(jnp.sqrt(jnp.where(ok, cell(kx, col_rank) + cell(ky, row_rank), jnp.inf)))
+  flat = lambda x: x.reshape(x.shape[:2] + (-1,))  # (G, L, P * n)
+  if n == 1:
+    # Cells are listed by (row rank, column rank), i.e. by (ky, cy, kx, cx).
+    rank = _rank(flat(dist))
+  else:
+    # Lines of different base anchors interleave: order ties by joint (key, centre) ranks.
+    second = (cell(_joint_rank(ky, cy), row_rank) * (n * col.shape[-1])
+              + cell(_joint_rank(kx, cx), col_rank)) * n + np.arange(n)
+    rank = _rank(flat(dist), flat(second))
+  # Invalid cells (dist inf) rank last; the cells of rank < topk, listed by rank, are the
+  # candidates (the level has fewer if fewer of its anchors are valid).
+  k = min(topk, rank.shape[-1])
+  pos = jnp.sum(jnp.where(rank[..., None, :] == np.arange(k)[:, None],
+                          np.arange(rank.shape[-1]), 0), axis=-1)  # (G, L, k)
+  cand = jnp.take_along_axis(flat(index), pos, axis=-1)
+  selected = jnp.take_along_axis(flat(ok), pos, axis=-1)
+  num_gts = index.shape[0]
+  return cand.reshape(num_gts, -1), selected.reshape(num_gts, -1)
+
+
+def _joint_rank(key, centre):
+  """(G, L, n, k) line keys of n base anchors -> rank among all n * k by (key, centre); equal
+  (key, centre) pairs share a rank."""
+  shape = key.shape
+  key, centre = (x.reshape(shape[:2] + (-1,)) for x in (key, centre))
+  before = (key[..., :, None] < key[..., None, :]) | (
+      (key[..., :, None] == key[..., None, :]) & (centre[..., :, None] < centre[..., None, :]))
+  return jnp.sum(before, axis=-2, dtype=jnp.int32).reshape(shape)
 
 
 def _dense_candidates(anchors, valid, gt_cx, gt_cy, levels, topk):
-  """Candidates from the distances of every anchor to every gt: ``(G, C)`` as the grid path."""
+  """Candidates from the distances of every anchor to every gt, level by level.
+
+  The k first by (dist, ky, cy, kx, cx, index): everything below the k-th distance, then the
+  tied ones refined key by key, finally by index; ``need`` counts what is still missing.
+  Returns ``(G, C)`` anchor indices and selection, as the grid path (other C).
+  """
   cx = (anchors[:, 0] + anchors[:, 2]) / 2.
   cy = (anchors[:, 1] + anchors[:, 3]) / 2.
   cands, selected = [], []
   for start, count, _ in levels:
     if count == 0:
       continue
-    kx = _sq(cx[None, start:start + count] - gt_cx[:, None])  # (G, n)
-    ky = _sq(cy[None, start:start + count] - gt_cy[:, None])
-    ok = valid[None, start:start + count]
+    level = slice(start, start + count)
+    kx = _sq(cx[None, level] - gt_cx[:, None])  # (G, n)
+    ky = _sq(cy[None, level] - gt_cy[:, None])
+    ok = valid[None, level]
     dist = jnp.where(ok, jnp.sqrt(kx + ky), jnp.inf)
     k = min(topk, count)
-    # The k smallest in the order (dist, ky, kx, index): everything below the k-th distance,
-    # then the tied ones refined key by key; ``need`` counts what is still missing.
     d_k = -jax.lax.top_k(-dist, k)[0][:, -1:]
     chosen = dist < d_k
     tied = ok & (dist == d_k)
     need = k - jnp.sum(chosen, axis=1, keepdims=True)
-    for key in (ky, kx):
+    for key in (ky, cy[None, level], kx, cx[None, level]):
       key = jnp.where(tied, key, jnp.inf)
       key_r = jnp.take_along_axis(-jax.lax.top_k(-key, k)[0], jnp.maximum(need - 1, 0), axis=1)
       below = tied & (key < key_r)
@@ -189,8 +279,7 @@ def _dense_candidates(anchors, valid, gt_cx, gt_cy, levels, topk):
       tied &= key == key_r
     chosen |= tied & (jnp.cumsum(tied, axis=1) <= need)
     chosen &= ok
-    # At most k chosen: list them (top_k of a 0/1 mask keeps index order).
-    is_chosen, pos = jax.lax.top_k(chosen.astype(jnp.float32), k)
+    is_chosen, pos = jax.lax.top_k(chosen.astype(jnp.float32), k)  # keeps index order
     cands.append(start + pos)
     selected.append(is_chosen > 0)
   return jnp.concatenate(cands, axis=1), jnp.concatenate(selected, axis=1)

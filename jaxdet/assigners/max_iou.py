@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdet.assigners.assignment import BACKGROUND, IGNORED, Assignment
-from jaxdet.ops.boxes import box_iou
+from jaxdet.ops.boxes import EPS, box_area
 
 
 def max_iou_assign(anchors, gt_boxes, gt_labels, gt_mask, *, pos_iou_thr, neg_iou_thr,
@@ -44,6 +44,7 @@ def max_iou_assign(anchors, gt_boxes, gt_labels, gt_mask, *, pos_iou_thr, neg_io
     gt_max_assign_all: step 4 gives the gt all priors tied at its best IoU (else the first).
     match_low_quality: run step 4 at all.
     valid: optional (A,) bool; invalid priors are never candidates and come out ignored.
+      Default: every prior whose x1 is not NaN.
 
   Returns:
     ``Assignment`` with (A,) ``gt_index`` (>= 0 gt row, -1 background, -2 ignored),
@@ -59,13 +60,11 @@ def max_iou_assign(anchors, gt_boxes, gt_labels, gt_mask, *, pos_iou_thr, neg_io
   anchors = jnp.asarray(anchors, jnp.float32)
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
   gt_mask = jnp.asarray(gt_mask, bool)
-  valid = jnp.ones((num_anchors,), bool) if valid is None else jnp.asarray(valid, bool)
+  if valid is None:  # a runtime mask (not a constant XLA would fold away; see _iou_as_mmdet)
+    valid = ~jnp.isnan(anchors[:, 0])
+  valid = jnp.asarray(valid, bool)
 
-  pair_ok = valid[:, None] & gt_mask[None, :]
-  iou = jnp.where(pair_ok, box_iou(anchors, gt_boxes), -1.)  # (A, G)
-  # Computed once and shared by every reduction below, so that the equality test of step 4
-  # compares bit-identical numbers (XLA could otherwise recompute the IoU in two fusions).
-  iou = jax.lax.optimization_barrier(iou)
+  iou = _iou_as_mmdet(anchors, gt_boxes, valid, gt_mask)  # (A, G); -1 for masked pairs
 
   max_overlap = iou.max(axis=1)
   argmax_gt = iou.argmax(axis=1).astype(jnp.int32)  # first gt on ties, as torch.max
@@ -98,6 +97,40 @@ def max_iou_assign(anchors, gt_boxes, gt_labels, gt_mask, *, pos_iou_thr, neg_io
   labels = jnp.where(gt_index >= 0,
                      jnp.asarray(gt_labels, jnp.int32)[jnp.maximum(gt_index, 0)], -1)
   return Assignment(gt_index=gt_index, labels=labels, max_overlap=max_overlap)
+
+
+def _iou_as_mmdet(anchors, gt_boxes, valid, gt_mask):
+  """Pairwise IoU ``(A, G)`` as mmdetection's ``bbox_overlaps`` computes it in float32; -1 for
+  pairs with an invalid prior or a padded gt.
+
+  XLA always allows a product and the add that consumes it to be contracted into one fused
+  multiply-add, which rounds once where torch rounds twice: ``area_a + area_g`` came out one ulp
+  off for ~1% of real-valued pairs on CPU. Each product therefore reaches the additions through
+  a select on the runtime masks (which padding needs anyway), which a multiply-add cannot be
+  fused across; the remaining add, subtract and max round as torch's do, and so does the
+  division (on GPU through ``_divide_rounded``).
+  """
+  lt = jnp.maximum(anchors[:, None, :2], gt_boxes[None, :, :2])
+  rb = jnp.minimum(anchors[:, None, 2:], gt_boxes[None, :, 2:])
+  wh = jnp.clip(rb - lt, 0)
+  pair_ok = valid[:, None] & gt_mask[None, :]
+  area_a = jnp.where(valid, box_area(anchors), 0.)
+  area_g = jnp.where(gt_mask, box_area(gt_boxes), 0.)
+  overlap = jnp.where(pair_ok, wh[..., 0] * wh[..., 1], 0.)
+  union = jnp.maximum(area_a[:, None] + area_g[None, :] - overlap, EPS)
+  iou = jax.lax.platform_dependent(overlap, union, cpu=jnp.divide, default=_divide_rounded)
+  return jnp.where(pair_ok, iou, -1.)
+
+
+def _divide_rounded(a, b):
+  """``a / b`` rounded as IEEE division (torch's), where the backend's division is not.
+
+  XLA:GPU divides float32 to within 2 ulp. One correction with the remainder ``a - q * b``
+  (exact once XLA fuses it into a multiply-add, as it does) recovers the correctly rounded
+  quotient except, at worst, within ~2**-20 ulp of a rounding midpoint.
+  """
+  q = a / b
+  return q + (a - q * b) / b
 
 
 def _check_args(anchors, gt_boxes, gt_labels, gt_mask, valid, pos_iou_thr, neg_iou_thr,

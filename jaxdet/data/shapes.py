@@ -7,7 +7,7 @@ log-uniformly from 8 px to 0.6 x the image side, so at 192 px about half the obj
 COCO-small (< 32^2 px), most of the rest medium and a few large: APs, APm and APl all mean
 something. Objects may overlap, but a new object is rejected when it would hide more than
 40% of an earlier one, so every label stays honest. Backgrounds are linear gradients
-between two muted colours, crossed by random lines; Random noise covers everything.
+between two muted colours, crossed by random lines; random noise covers everything.
 Object colours are saturated and kept far from the background's.
 
 A box is the tight bound of the object's *visible* pixels, ``(x1, y1, x2, y2)`` with

@@ -21,8 +21,10 @@ A record is a dict::
   image_id:  int, the original image id
   orig_size: (h, w) ints, the decoded image's size
 
-``source.annotations(i)`` gives the same record without ``image`` and without decoding it
-(cheap: lets the loader drop images without usable boxes before reading any pixels).
+``source.annotations(i)`` gives the same record without ``image`` and without decoding it, and
+``source.index_info()`` gives ``dict(heights, widths, num_targets)`` as (N,) arrays (original
+sizes; non-crowd boxes >= 1 px wide and high) so that the loader can bucket images and drop
+those without targets before reading any pixels (TFDS: one pass over the split, no decoding).
 
 With ``skip_bad_images=True`` a record whose image cannot be decoded is logged and returned
 as ``None``; consumers filter it out (grain: ``MapDataset.filter(lambda r: r is not None)``).
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 # The 80 category ids of COCO 2017 in label order (TFDS ``coco`` stores labels 0..79 only).
 COCO80_IDS = (list(range(1, 12)) + list(range(13, 26)) + [27, 28] + list(range(31, 45)) +
               list(range(46, 66)) + [67, 70] + list(range(72, 83)) + list(range(84, 91)))
+
+
+_WARNED = set()   # paths already warned about in this process (one warning each)
 
 
 class DataError(ValueError):
@@ -98,6 +103,17 @@ def decode_image(data, *, name):
     raise DataError(f'cannot decode image {name}: {message}') from None
 
 
+def _index_info(sizes, boxes, crowd, offsets):
+  """dict(heights, widths, num_targets) of (N,) arrays; a target is a non-crowd box >= 1 px
+  wide and high. ``boxes (A, 4)`` of all images, image ``i``'s at ``offsets[i]:offsets[i+1]``."""
+  wh = boxes[:, 2:] - boxes[:, :2]
+  target = ~crowd & (wh[:, 0] >= 1) & (wh[:, 1] >= 1)
+  owner = np.repeat(np.arange(len(sizes)), np.diff(offsets))
+  num_targets = np.bincount(owner[target], minlength=len(sizes)).astype(np.int64)
+  return dict(heights=sizes[:, 0].astype(np.int64), widths=sizes[:, 1].astype(np.int64),
+              num_targets=num_targets)
+
+
 def _clip_and_filter(boxes, keep, height, width):
   """Clips xyxy ``boxes (n, 4)`` to the image and clears ``keep`` where the area is 0."""
   boxes = boxes.copy()
@@ -121,33 +137,40 @@ def _read_coco_json(ann_file):
     raise DataError(f'annotation file {ann_file} is not valid JSON: {e}') from None
 
 
-def _require(condition, ann_file, message):
-  if not condition:
-    raise DataError(f'{ann_file} is not a COCO detection file: {message}')
+def _not_coco(ann_file, message):
+  return DataError(f'{ann_file} is not a COCO detection file: {message}')
 
 
 def _check_coco_structure(data, ann_file):
-  _require(isinstance(data, dict), ann_file, f'top level is a {type(data).__name__}, not an object')
+  """Raises ``DataError`` naming the first entry that does not fit COCO's detection format."""
+  if not isinstance(data, dict):
+    raise _not_coco(ann_file, f'top level is a {type(data).__name__}, not an object')
   for key in ('images', 'categories'):
-    _require(key in data, ann_file, f'no "{key}" key (keys: {sorted(data)[:8]})')
-    _require(isinstance(data[key], list), ann_file, f'"{key}" is not a list')
-  _require(isinstance(data.get('annotations', []), list), ann_file, '"annotations" is not a list')
+    if key not in data:
+      raise _not_coco(ann_file, f'no "{key}" key (keys: {sorted(data)[:8]})')
+    if not isinstance(data[key], list):
+      raise _not_coco(ann_file, f'"{key}" is not a list')
+  if not isinstance(data.get('annotations', []), list):
+    raise _not_coco(ann_file, '"annotations" is not a list')
   for cat in data['categories']:
-    _require(isinstance(cat, dict) and isinstance(cat.get('id'), int) and 'name' in cat,
-             ann_file, f'category {str(cat)[:80]} lacks an integer "id" or a "name"')
+    if not (isinstance(cat, dict) and isinstance(cat.get('id'), int) and 'name' in cat):
+      raise _not_coco(ann_file, f'category {str(cat)[:80]} lacks an integer "id" or a "name"')
+  number = (int, float)
   for img in data['images']:
-    _require(isinstance(img, dict) and isinstance(img.get('id'), int)
-             and isinstance(img.get('file_name'), str),
-             ann_file, f'image {str(img)[:80]} lacks an integer "id" or a "file_name"')
-    _require(isinstance(img.get('width'), (int, float)) and isinstance(img.get('height'), (int, float)),
-             ann_file, f'image id {img["id"]} lacks "width" / "height"')
+    if not (isinstance(img, dict) and isinstance(img.get('id'), int)
+            and isinstance(img.get('file_name'), str)):
+      raise _not_coco(ann_file, f'image {str(img)[:80]} lacks an integer "id" or a "file_name"')
+    if not (isinstance(img.get('width'), number) and isinstance(img.get('height'), number)):
+      raise _not_coco(ann_file, f'image id {img["id"]} lacks "width" / "height"')
   for ann in data.get('annotations', []):
-    _require(isinstance(ann, dict) and 'image_id' in ann and 'category_id' in ann,
-             ann_file, f'annotation {str(ann)[:80]} lacks "image_id" or "category_id"')
+    if not (isinstance(ann, dict) and 'image_id' in ann and 'category_id' in ann):
+      raise _not_coco(ann_file, f'annotation {str(ann)[:80]} lacks "image_id" or "category_id"')
     bbox = ann.get('bbox')
-    _require(isinstance(bbox, (list, tuple)) and len(bbox) == 4
-             and all(isinstance(v, (int, float)) for v in bbox),
-             ann_file, f'annotation id {ann.get("id")} has bbox {str(bbox)[:60]}, not [x, y, w, h]')
+    if not (isinstance(bbox, list) and len(bbox) == 4 and isinstance(bbox[0], number)
+            and isinstance(bbox[1], number) and isinstance(bbox[2], number)
+            and isinstance(bbox[3], number)):
+      raise _not_coco(ann_file, f'annotation id {ann.get("id")} has bbox {str(bbox)[:60]}, '
+                      'not [x, y, w, h]')
 
 
 class CocoSource:
@@ -200,7 +223,8 @@ class CocoSource:
       labels[a] = label_of[ann['category_id']]
     xywh = np.asarray([ann['bbox'] for ann in anns], np.float64).reshape(-1, 4)
     crowd = np.asarray([bool(ann.get('iscrowd', 0)) for ann in anns], bool)
-    area_ok = np.asarray([ann.get('area', 1) > 0 for ann in anns], bool)
+    area_ok = np.asarray([not (isinstance(ann.get('area'), (int, float)) and ann['area'] <= 0)
+                          for ann in anns], bool)
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     sizes = np.asarray([(img['height'], img['width']) for img in images], np.float64)
     keep = area_ok & (xywh[:, 2] >= 1) & (xywh[:, 3] >= 1)   # mmdetection's CocoDataset rule
@@ -214,11 +238,13 @@ class CocoSource:
       example = f'{paths[missing[0]]} (image id {images[missing[0]]["id"]})'
       if not self.skip_bad_images:
         raise DataError(f'{self.ann_file} lists {len(missing)} image(s) missing from '
-                        f'{self.img_dir}, e.g. {example}; set data.skip_bad_images=True to skip them')
+                        f'{self.img_dir}, e.g. {example}; set data.skip_bad_images=True '
+                        'to skip them')
       log.warning('skipping %d image(s) listed in %s but missing from %s, e.g. %s',
                   len(missing), self.ann_file, self.img_dir, example)
       if not present.any():
-        raise DataError(f'none of the {len(images)} images of {self.ann_file} exist in {self.img_dir}')
+        raise DataError(f'none of the {len(images)} images of {self.ann_file} exist in '
+                        f'{self.img_dir}')
 
     # Compact storage (pickles fast into grain workers): annotations sorted by image,
     # with offsets into the concatenated arrays.
@@ -254,6 +280,14 @@ class CocoSource:
                 crowd=self._crowd[a:b].copy(), image_id=self.image_ids[i],
                 orig_size=(int(h), int(w)))
 
+  def index_info(self):
+    """dict(heights, widths, num_targets): (N,) arrays for the loader, from the JSON alone.
+
+    Sizes are the file's ``height`` / ``width``; ``num_targets`` counts the non-crowd boxes
+    at least 1 px wide and high.
+    """
+    return _index_info(self._sizes, self._boxes, self._crowd, self._offsets)
+
   def __getitem__(self, i):
     record = self.annotations(i)
     path = self._paths[self._index(i)]
@@ -266,8 +300,10 @@ class CocoSource:
       raise
     h, w = image.shape[:2]
     if (h, w) != record['orig_size']:
-      log.warning('%s is %dx%d but %s says %dx%d; boxes are clipped to the decoded size',
-                  path, w, h, self.ann_file, record['orig_size'][1], record['orig_size'][0])
+      if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning('%s is %dx%d but %s says %dx%d; boxes are clipped to the decoded size',
+                    path, w, h, self.ann_file, record['orig_size'][1], record['orig_size'][0])
       boxes, keep = _clip_and_filter(record['boxes'], np.ones(len(record['boxes']), bool), h, w)
       record.update(boxes=boxes[keep], labels=record['labels'][keep], crowd=record['crowd'][keep])
       record['orig_size'] = (h, w)
@@ -369,7 +405,7 @@ class TfdsSource:
       self.cat_ids = list(COCO80_IDS)
     else:
       self.cat_ids = list(range(1, len(self.class_names) + 1))
-    self._ds = self._coco = self._image_ids = None
+    self._ds = self._coco = self._table = None
     try:
       self._length = len(self._data())
     except Exception as e:
@@ -433,51 +469,70 @@ class TfdsSource:
     return record
 
   def _scan(self):
-    """One pass over the split: image ids and a COCO ground truth (xywh px, original ids)."""
-    images, annotations, ids = [], [], []
-    for i in range(len(self)):
-      record, _, area = self._convert(i, self._data()[i])
-      h, w = record['orig_size']
-      ids.append(record['image_id'])
-      images.append(dict(id=record['image_id'], width=w, height=h, file_name=f'{i}'))
-      for k, (box, label, crowd) in enumerate(zip(record['boxes'].tolist(),
-                                                  record['labels'].tolist(),
-                                                  record['crowd'].tolist())):
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        annotations.append(dict(
-            id=len(annotations) + 1, image_id=record['image_id'],
-            category_id=self.cat_ids[label], bbox=[box[0], box[1], bw, bh],
-            area=float(area[k]) if area is not None and area[k] > 0 else bw * bh,
-            iscrowd=int(crowd)))
-    if len(set(ids)) != len(ids):
-      raise DataError(f'TFDS dataset {self.name}/{self.split} repeats image ids')
-    categories = [dict(id=c, name=n) for c, n in zip(self.cat_ids, self.class_names)]
-    self._image_ids = ids
-    self._coco = _quiet_coco(dict(images=images, annotations=annotations, categories=categories))
+    """One pass over the split, images not decoded: ids, sizes and boxes of every example."""
+    if self._table is None:
+      ids, sizes, parts, counts = [], [], [], []
+      for i in range(len(self)):
+        record, _, area = self._convert(i, self._data()[i])
+        ids.append(record['image_id'])
+        sizes.append(record['orig_size'])
+        counts.append(len(record['labels']))
+        wh = record['boxes'][:, 2:] - record['boxes'][:, :2]
+        box_area = wh[:, 0] * wh[:, 1]
+        if area is not None:   # TFDS coco keeps COCO's (mask) area; 0 when unknown
+          box_area = np.where(area > 0, area, box_area)
+        parts.append((record['boxes'], record['labels'], record['crowd'], box_area))
+      if len(set(ids)) != len(ids):
+        raise DataError(f'TFDS dataset {self.name}/{self.split} repeats image ids')
+      boxes, labels, crowd, area = (np.concatenate([p[k] for p in parts]) for k in range(4))
+      self._table = dict(image_ids=ids, sizes=np.asarray(sizes, np.int64).reshape(-1, 2),
+                         boxes=boxes.reshape(-1, 4), labels=labels, crowd=crowd, area=area,
+                         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+    return self._table
 
   @property
   def image_ids(self):
     """Original image ids, index-aligned (one pass over the split on first use)."""
     if not self._has_id:
       return list(range(len(self)))
-    if self._image_ids is None:
-      self._scan()
-    return self._image_ids
+    return self._scan()['image_ids']
+
+  def index_info(self):
+    """dict(heights, widths, num_targets): (N,) arrays for the loader; one pass on first use.
+
+    ``num_targets`` counts the non-crowd boxes at least 1 px wide and high.
+    """
+    t = self._scan()
+    return _index_info(t['sizes'], t['boxes'], t['crowd'], t['offsets'])
 
   @property
   def coco(self):
     """A pycocotools ``COCO`` built from the split itself (first use: one pass)."""
     if self._coco is None:
-      self._scan()
+      t = self._scan()
+      images, annotations = [], []
+      for i, image_id in enumerate(t['image_ids']):
+        h, w = t['sizes'][i]
+        images.append(dict(id=image_id, width=int(w), height=int(h), file_name=str(i)))
+        for k in range(t['offsets'][i], t['offsets'][i + 1]):
+          x1, y1, x2, y2 = (float(v) for v in t['boxes'][k])
+          annotations.append(dict(id=k + 1, image_id=image_id,
+                                  category_id=self.cat_ids[int(t['labels'][k])],
+                                  bbox=[x1, y1, x2 - x1, y2 - y1], area=float(t['area'][k]),
+                                  iscrowd=int(t['crowd'][k])))
+      categories = [dict(id=c, name=n) for c, n in zip(self.cat_ids, self.class_names)]
+      self._coco = _quiet_coco(dict(images=images, annotations=annotations,
+                                    categories=categories))
     return self._coco
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state.update(_ds=None, _coco=None)
+    state.update(_ds=None, _coco=None, _table=None)
     return state
 
   def __repr__(self):
-    return f'TfdsSource({self.name!r}, {self.split!r}: {len(self)} images, {len(self.class_names)} classes)'
+    return (f'TfdsSource({self.name!r}, {self.split!r}: {len(self)} images, '
+            f'{len(self.class_names)} classes)')
 
 
 def _has_orientation(image):

@@ -621,7 +621,7 @@ def bucket_shapes(pipeline, img_scale, *, train=True):
     return [(_ceil_to(img_scale[1], d), _ceil_to(img_scale[0], d))]
   scales = [tuple(img_scale)]
   if train and kind == "standard" and pipeline.get("multiscale"):
-    scales = [tuple(s) for s in pipeline.multiscale]
+    scales = [tuple(s) for s in pipeline.get("multiscale")]
   if train and kind == "detr":
     scales = _detr_scales(pipeline.get("detr_short_sides", range(480, 801, 32)),
                           pipeline.get("detr_max_size", 1333))

@@ -126,71 +126,63 @@ def deform_conv2d(x, offset, mask, kernel, *, stride=1, padding=1, dilation=1, d
     if not jnp.issubdtype(arr.dtype, jnp.floating):
       raise ValueError(f"{name} must be floating point, got {arr.dtype}")
   config = _Config(stride, padding, dilation, groups, deform_groups, precision)
-  return _deform_conv(config, x, offset, mask, kernel)
+  return _deform_conv_jit(config, x, offset, mask, kernel)
 
 
 # ---------------------------------------------------------------------------------------
-# Implementation.  Shapes inside: N = B*Ho*Wo flattened into (B, Ho, Wo); dg deform groups,
-# cg = Cin // dg channels each; x is viewed as rows of cg channels: row = pixel * dg + g.
+# Implementation.  Inside, n = B*Ho*Wo; dg deform groups of cg = Cin // dg channels each;
+# x is viewed as rows of cg channels, row = ((b*H + y)*W + x)*dg + g, so that one bilinear
+# neighbour of one sample of one deform group is one contiguous row.  Everything loops over
+# the K = kh*kw kernel points ("points") with lax.scan.
 
 
-def _per_point_inputs(config, x, offset, mask, kernel):
-  """Reshape everything so that the kernel-point axis K leads (the scan axis)."""
-  b, h, w, cin = x.shape
+def _points(config, offset, mask, kernel):
+  """Per kernel point: (dy0, dx0) kernel displacements (K,), offsets (K, B, Ho, Wo, dg, 2)
+  float32, mask (K, B, Ho, Wo, dg) and kernel slices (K, G, Cin/G, Cout/G)."""
+  b, ho, wo, _ = offset.shape
   kh, kw, cin_g, cout = kernel.shape
-  _, ho, wo, _ = offset.shape
-  dg, k = config.deform_groups, kh * kw
-  # Sample grid before the offsets: (K,) per axis, and (Ho,), (Wo,) output origins.
+  dg, g, k = config.deform_groups, config.groups, kh * kw
   ii, jj = jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij")
-  point_y = (ii.reshape(k) * config.dilation[0]).astype(jnp.float32)
-  point_x = (jj.reshape(k) * config.dilation[1]).astype(jnp.float32)
-  # (B, Ho, Wo, dg, K, 2) -> (K, B, Ho, Wo, dg, 2); mask (K, B, Ho, Wo, dg).
+  dy0 = (ii.reshape(k) * config.dilation[0]).astype(jnp.float32)
+  dx0 = (jj.reshape(k) * config.dilation[1]).astype(jnp.float32)
   off = jnp.moveaxis(offset.reshape(b, ho, wo, dg, k, 2), 4, 0).astype(jnp.float32)
   msk = jnp.moveaxis(mask.reshape(b, ho, wo, dg, k), 4, 0)
-  # Kernel per point and group: (K, G, Cin/G, Cout/G).
-  g = config.groups
   kern = kernel.reshape(k, cin_g, g, cout // g).transpose(0, 2, 1, 3)
-  return point_y, point_x, off, msk, kern
+  return dy0, dx0, off, msk, kern
 
 
-def _origins(config, ho, wo):
+def _corners(config, x_shape, out_hw, point):
+  """The 4 bilinear neighbours of every sample of one kernel point.
+
+  Returns ``rows (4, B, Ho, Wo, dg)`` int32 row indices (clamped into range), ``valid (4,
+  ...)`` whether the neighbour lies inside the image, ``weights (4, ...)`` float32 bilinear
+  weights with out-of-image neighbours zeroed, and the fractional parts ``(ly, lx)``.
+  Corner order: (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
+  """
+  b, h, w, _ = x_shape
+  ho, wo = out_hw
+  dy0, dx0, off, _, _ = point
   oy = (jnp.arange(ho) * config.stride[0] - config.padding[0]).astype(jnp.float32)
   ox = (jnp.arange(wo) * config.stride[1] - config.padding[1]).astype(jnp.float32)
-  return oy[None, :, None, None], ox[None, None, :, None]  # broadcast to (B, Ho, Wo, dg)
-
-
-def _corners(config, shape, py, px):
-  """The 4 bilinear neighbours of positions ``py, px (B, Ho, Wo, dg)``.
-
-  Returns ``rows`` (4, B, Ho, Wo, dg) int32 row indices into x viewed as
-  ``(B*H*W*dg, cg)`` (clamped into range), ``valid`` (4, ...) whether the neighbour lies in
-  the image, ``weights`` (4, ...) float32 bilinear weights with the out-of-image neighbours
-  zeroed, and ``(ly, lx)`` the fractional parts.
-  Corner order: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
-  """
-  b, h, w, _ = shape
-  dg = config.deform_groups
-  y0 = jnp.floor(py)
-  x0 = jnp.floor(px)
+  py = oy[:, None, None] + dy0 + off[..., 0]  # (B, Ho, Wo, dg)
+  px = ox[None, :, None] + dx0 + off[..., 1]
+  y0, x0 = jnp.floor(py), jnp.floor(px)
   ly, lx = py - y0, px - x0
-  y0 = y0.astype(jnp.int32)
-  x0 = x0.astype(jnp.int32)
-  bidx = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]
-  gidx = jnp.arange(dg, dtype=jnp.int32)
-  rows, valids, weights = [], [], []
+  y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
+  base = jnp.arange(b, dtype=jnp.int32)[:, None, None, None] * h
+  group = jnp.arange(config.deform_groups, dtype=jnp.int32)
+  rows, valid, weights = [], [], []
   for cy, cx in ((0, 0), (0, 1), (1, 0), (1, 1)):
     yy, xx = y0 + cy, x0 + cx
-    valid = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-    wy = ly if cy else 1 - ly
-    wx = lx if cx else 1 - lx
-    valids.append(valid)
-    weights.append(jnp.where(valid, wy * wx, 0.0))
-    pixel = (bidx * h + jnp.clip(yy, 0, h - 1)) * w + jnp.clip(xx, 0, w - 1)
-    rows.append(pixel * dg + gidx)
+    inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    pixel = (base + jnp.clip(yy, 0, h - 1)) * w + jnp.clip(xx, 0, w - 1)
+    rows.append(pixel * config.deform_groups + group)
+    valid.append(inside)
+    weights.append(jnp.where(inside, (ly if cy else 1 - ly) * (lx if cx else 1 - lx), 0.0))
   # The barrier keeps XLA from fusing this index arithmetic into the gathers, where it
-  # would be recomputed for every channel (10x slower on CPU).
+  # would be recomputed for every channel (about 10x slower on CPU).
   return lax.optimization_barrier(
-      (jnp.stack(rows), jnp.stack(valids), jnp.stack(weights), (ly, lx)))
+      (jnp.stack(rows), jnp.stack(valid), jnp.stack(weights), (ly, lx)))
 
 
 def _gather(xrows, rows):
@@ -198,53 +190,37 @@ def _gather(xrows, rows):
   return xrows.at[rows].get(mode="promise_in_bounds")
 
 
-def _columns(xrows, rows, weights, msk_k):
-  """Masked bilinear samples ``(B, Ho, Wo, dg, cg)`` of one kernel point."""
-  wts = (weights * msk_k[None].astype(weights.dtype)).astype(xrows.dtype)
+def _columns(xrows, rows, weights, msk):
+  """The masked bilinear samples of one kernel point, ``(B, Ho, Wo, dg, cg)``."""
+  wts = (weights * msk[None].astype(weights.dtype)).astype(xrows.dtype)
   return sum(wts[c][..., None] * _gather(xrows, rows[c]) for c in range(4))
 
 
-def _dot(a, b, spec, config):
-  """``jnp.einsum(spec, a, b)`` for specs with a group axis ``g``; for a single group it
-  drops that axis and uses a plain 2-D dot (several times faster on CPU)."""
-  if a.shape[spec.index("g")] == 1:
-    lhs, rest = spec.split(",")
-    rhs, out = rest.split("->")
-    squeeze = lambda t, s: (t.reshape([d for d, c in zip(t.shape, s) if c != "g"]),
-                            s.replace("g", ""))
-    (a, lhs), (b, rhs) = squeeze(a, lhs), squeeze(b, rhs)
-    res = jnp.einsum(f"{lhs},{rhs}->{out.replace('g', '')}", a, b, precision=config.precision)
-    return jnp.expand_dims(res, out.index("g"))
-  return jnp.einsum(spec, a, b, precision=config.precision)
-
-
-def _point_matmul(cols, kern_k, config):
-  """``cols (B, Ho, Wo, Cin)`` @ ``kern_k (G, Cin/G, Cout/G)`` -> ``(B, Ho, Wo, Cout)``."""
-  b, ho, wo, cin = cols.shape
-  g = config.groups
-  out = _dot(cols.reshape(-1, g, cin // g), kern_k, "ngc,gco->ngo", config)
-  return out.reshape(b, ho, wo, -1)
+def _grouped_dot(spec, a, b, precision):
+  """``einsum(spec, a, b)`` where ``g`` is the conv-group axis; with one group, a plain 2-D
+  dot (XLA's CPU dot with a size-1 batch axis is several times slower)."""
+  if a.shape[spec.split(",")[0].index("g")] > 1:
+    return jnp.einsum(spec, a, b, precision=precision)
+  (lhs, rhs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+  drop = lambda t, labels: jnp.squeeze(t, labels.index("g"))
+  res = jnp.einsum(spec.replace("g", ""), drop(a, lhs), drop(b, rhs), precision=precision)
+  return jnp.expand_dims(res, out.index("g"))
 
 
 def _forward(config, x, offset, mask, kernel):
   b, h, w, cin = x.shape
   _, ho, wo, _ = offset.shape
-  dg = config.deform_groups
-  cout = kernel.shape[-1]
-  xrows = x.reshape(b * h * w * dg, cin // dg)
-  py, px, off, msk, kern = _per_point_inputs(config, x, offset, mask, kernel)
-  oy, ox = _origins(config, ho, wo)
-  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
+  g = config.groups
+  xrows = x.reshape(-1, cin // config.deform_groups)
 
-  def step(acc, point):
-    py_k, px_k, off_k, msk_k, kern_k = point
-    rows, _, weights, _ = _corners(config, x.shape, oy + py_k + off_k[..., 0],
-                                ox + px_k + off_k[..., 1])
-    cols = _columns(xrows, rows, weights, msk_k).reshape(b, ho, wo, cin)
-    return acc + _point_matmul(cols, kern_k, config).astype(acc.dtype), None
+  def step(out, point):
+    rows, _, weights, _ = _corners(config, x.shape, (ho, wo), point)
+    cols = _columns(xrows, rows, weights, point[3]).reshape(b * ho * wo, g, cin // g)
+    out_k = _grouped_dot("ngc,gco->ngo", cols, point[4], config.precision)
+    return out + out_k.reshape(out.shape).astype(out.dtype), None
 
-  acc = jnp.zeros((b, ho, wo, cout), out_dtype)
-  out, _ = lax.scan(step, acc, (py, px, off, msk, kern))
+  out = jnp.zeros((b, ho, wo, kernel.shape[-1]), jnp.result_type(x.dtype, kernel.dtype))
+  out, _ = lax.scan(step, out, _points(config, offset, mask, kernel))
   return out
 
 
@@ -254,7 +230,7 @@ def _deform_conv(config, x, offset, mask, kernel):
 
 
 def _deform_conv_fwd(config, x, offset, mask, kernel):
-  # Residuals are the inputs only: the backward pass recomputes the samples.
+  # The residuals are the inputs only: the backward pass recomputes the samples.
   return _forward(config, x, offset, mask, kernel), (x, offset, mask, kernel)
 
 
@@ -262,61 +238,56 @@ def _deform_conv_bwd(config, residuals, grad_out):
   x, offset, mask, kernel = residuals
   b, h, w, cin = x.shape
   _, ho, wo, _ = offset.shape
-  kh, kw, cin_g, cout = kernel.shape
-  dg, g = config.deform_groups, config.groups
+  dg, g, cout = config.deform_groups, config.groups, kernel.shape[-1]
   cg = cin // dg
-  xrows = x.reshape(b * h * w * dg, cg)
-  py, px, off, msk, kern = _per_point_inputs(config, x, offset, mask, kernel)
-  oy, ox = _origins(config, ho, wo)
+  xrows = x.reshape(-1, cg)
+  points = _points(config, offset, mask, kernel)
   grad_out = grad_out.astype(jnp.result_type(x.dtype, kernel.dtype))
-  n = b * ho * wo
-  grad_out_g = grad_out.reshape(n, g, cout // g)
+  grad_out = grad_out.reshape(b * ho * wo, g, cout // g)
 
-  points = (py, px, off, msk, kern)
-
-  def point_corners(point):
-    py_k, px_k, off_k, _, _ = point
-    return _corners(config, x.shape, oy + py_k + off_k[..., 0], ox + px_k + off_k[..., 1])
-
-  # Two passes over the kernel points, so that the column block and the column gradient are
-  # never alive together (XLA's CPU scheduler would otherwise compute both up front).
+  # Two passes over the kernel points so that the column block (needed for the kernel
+  # gradient) and the column gradient are never alive together; XLA's CPU scheduler would
+  # otherwise compute both up front.  Pass 1: kernel gradient.
   def kernel_step(carry, point):
-    rows, _, weights, _ = point_corners(point)
-    cols = _columns(xrows, rows, weights, point[3]).reshape(n, g, cin // g)
-    return carry, _dot(cols, grad_out_g, "ngc,ngo->gco", config)
+    rows, _, weights, _ = _corners(config, x.shape, (ho, wo), point)
+    cols = _columns(xrows, rows, weights, point[3]).reshape(b * ho * wo, g, cin // g)
+    return carry, _grouped_dot("ngc,ngo->gco", cols, grad_out, config.precision)
 
   _, grad_kern = lax.scan(kernel_step, None, points)
 
+  # Pass 2: gradients of the input, offsets and mask from the column gradient.
   def input_step(grad_xrows, point):
-    rows, valid, weights, (ly, lx) = point_corners(point)
-    msk32 = point[3].astype(jnp.float32)
-    grad_cols = _dot(grad_out_g, point[4], "ngo,gco->ngc", config)
+    rows, valid, weights, (ly, lx) = _corners(config, x.shape, (ho, wo), point)
+    msk = point[3].astype(jnp.float32)
+    grad_cols = _grouped_dot("ngo,gco->ngc", grad_out, point[4], config.precision)
     grad_cols = grad_cols.reshape(b, ho, wo, dg, cg).astype(x.dtype)
 
-    # Inner loops over the 4 corners keep a single (B, Ho, Wo, Cin) block alive beside
-    # grad_cols: a[c] = <grad_cols, value of corner c> per sample, then the scatter of
-    # grad_cols * weight into the input gradient.
+    # Inner loops over the 4 corners keep one (B, Ho, Wo, Cin) block alive beside grad_cols:
+    # a[c] = <grad_cols, value at corner c> per sample; then grad_cols * weight is scattered
+    # to corner c of the input gradient.
     def corner_dot(carry, rows_c):
       return carry, jnp.sum(grad_cols * _gather(xrows, rows_c), axis=-1, dtype=jnp.float32)
 
     def corner_scatter(grad_xrows, corner):
       rows_c, wts_c = corner
-      return grad_xrows.at[rows_c].add(wts_c[..., None] * grad_cols,
-                                       mode="promise_in_bounds"), None
+      update = wts_c[..., None] * grad_cols
+      return grad_xrows.at[rows_c].add(update, mode="promise_in_bounds"), None
 
     _, a = lax.scan(corner_dot, None, rows)
-    a = jnp.where(valid, a, 0.0)  # out-of-image corners count 0
-    wts = (weights * msk32[None]).astype(x.dtype)
+    a = jnp.where(valid, a, 0.0)  # out-of-image neighbours read as 0
+    wts = (weights * msk[None]).astype(x.dtype)
     grad_xrows, _ = lax.scan(corner_scatter, grad_xrows, (rows, wts))
-    grad_msk_k = jnp.sum(weights * a, axis=0)
-    grad_dy = msk32 * ((1 - lx) * (a[2] - a[0]) + lx * (a[3] - a[1]))
-    grad_dx = msk32 * ((1 - ly) * (a[1] - a[0]) + ly * (a[3] - a[2]))
-    return grad_xrows, (jnp.stack([grad_dy, grad_dx], axis=-1), grad_msk_k)
+    # d sample / d y = (1 - lx) (v[y0+1, x0] - v[y0, x0]) + lx (v[y0+1, x0+1] - v[y0, x0+1]):
+    # the floor-based one-sided derivative, as torchvision's kernel.
+    grad_dy = msk * ((1 - lx) * (a[2] - a[0]) + lx * (a[3] - a[1]))
+    grad_dx = msk * ((1 - ly) * (a[1] - a[0]) + ly * (a[3] - a[2]))
+    grad_msk = jnp.sum(weights * a, axis=0)
+    return grad_xrows, (jnp.stack([grad_dy, grad_dx], axis=-1), grad_msk)
 
-  grad_xrows = jnp.zeros((b * h * w * dg, cg), x.dtype)
+  grad_xrows = jnp.zeros_like(xrows)
   grad_xrows, (grad_off, grad_msk) = lax.scan(input_step, grad_xrows, points)
   grad_x = grad_xrows.reshape(x.shape)
-  # (K, B, Ho, Wo, dg, 2) -> (B, Ho, Wo, dg, K, 2) -> offset layout.
+  # (K, B, Ho, Wo, dg, 2) -> (B, Ho, Wo, dg, K, 2) is the offset channel layout; same for mask.
   grad_offset = jnp.moveaxis(grad_off, 0, 4).reshape(offset.shape).astype(offset.dtype)
   grad_mask = jnp.moveaxis(grad_msk, 0, 4).reshape(mask.shape).astype(mask.dtype)
   # (K, G, Cin/G, Cout/G) -> (kh, kw, Cin/G, Cout).
@@ -325,3 +296,6 @@ def _deform_conv_bwd(config, residuals, grad_out):
 
 
 _deform_conv.defvjp(_deform_conv_fwd, _deform_conv_bwd)
+# Jitted so that eager (un-jitted) calls compile once per shape instead of op by op; inside an
+# outer jit this is inlined.
+_deform_conv_jit = jax.jit(_deform_conv, static_argnums=0)

@@ -1,0 +1,245 @@
+"""Checkpoints with orbax: the train state, the data iterator's state, and a few JSON extras.
+
+Layout under `directory` (e.g. `work_dir/checkpoints`), one folder per step::
+
+  1000/state/   the train state pytree (orbax StandardSave: params, batch_stats, opt_state, step, rng)
+  1000/data/    the data iterator's state (JSON)
+  1000/extra/   anything else JSON-able (epoch, config hash, ...)
+
+Saves are synchronous and atomic: orbax writes `<step>.orbax-checkpoint-tmp-<time>/`, then writes
+`commit_success.txt` into it and renames it to `<step>/`. A save killed half way leaves only a tmp
+folder, which is never listed as a step (and is deleted when the next `Checkpointer` opens);
+`latest_step` additionally ignores step folders without `commit_success.txt`.
+
+The state is saved from host or single-device arrays (un-replicate a pmapped state first) and
+restored onto `jax.local_devices()[0]`, so a run may resume on another device count: the train
+loop replicates after restoring. Multi-host: every process calls `save` / `restore` (orbax
+coordinates; each array must then be fully replicated).
+
+  ckpt = Checkpointer(work_dir + '/checkpoints', max_to_keep=3)
+  if ckpt.latest_step() is not None:
+    state, data_state, extra = ckpt.restore(jax.eval_shape(lambda: state))
+  ...
+  ckpt.save(step, state, data_state=loader_iter.get_state(), extra=dict(epoch=epoch))
+  ckpt.close()
+"""
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_COMMIT_FILE = 'commit_success.txt'  # written by orbax into a step folder before it is final
+
+
+class Checkpointer:
+  """Keeps the newest `max_to_keep` checkpoints of a run in `directory` (created if missing)."""
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3):
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f'max_to_keep must be >= 1 or None (keep all), got {max_to_keep}')
+    self.directory = os.path.abspath(os.fspath(directory))
+    policy = (ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep is not None
+              else ocp.checkpoint_managers.PreserveAll())
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        create=True,
+        cleanup_tmp_directories=True,      # leftovers of a killed save
+        enable_async_checkpointing=False,  # a save is on disk when `save` returns
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_handlers=_item_handlers(ocp.StandardCheckpointHandler))
+
+  def all_steps(self) -> list:
+    """Steps with a complete checkpoint, ascending."""
+    return sorted(s for s in self._manager.all_steps() if self._is_complete(s))
+
+  def latest_step(self) -> int | None:
+    """The newest complete step, or None when there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, *, data_state: dict, extra: dict | None = None) -> bool:
+    """Writes `state` (a pytree of arrays), `data_state` and `extra` (JSON-able dicts) as `step`.
+
+    Returns False (and writes nothing) when `step` is already saved, e.g. a preemption save
+    right after a periodic one. Deletes the oldest checkpoints beyond `max_to_keep`.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    _check_host_local(state)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(_jsonable(data_state, 'data_state')),
+        extra=ocp.args.JsonSave(_jsonable(extra or {}, 'extra')),
+    )
+    saved = self._manager.save(step, args=args, force=True)
+    self._manager.wait_until_finished()
+    return bool(saved)
+
+  def restore(self, abstract_state: Any, step: int | None = None):
+    """Reads a checkpoint into the structure and dtypes of `abstract_state`.
+
+    `abstract_state`: the train state, or its `jax.eval_shape` (ShapeDtypeStructs); optax
+    NamedTuples and empty states come back as they are in it. `step`: default the latest.
+    Returns `(state, data_state, extra)`; the state's arrays are jax Arrays on
+    `jax.local_devices()[0]`.
+    """
+    step = self._resolve_step(step)
+    target = _on_default_device(abstract_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=ocp.args.JsonRestore(),
+        extra=ocp.args.JsonRestore(),
+    ))
+    return restored['state'], restored['data'], restored['extra'] or {}
+
+  def wait(self) -> None:
+    """Blocks until pending writes finish (saves are synchronous; kept for symmetry)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _is_complete(self, step):
+    return os.path.exists(os.path.join(self.directory, str(step), _COMMIT_FILE))
+
+  def _resolve_step(self, step):
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f'no checkpoint in {self.directory}')
+      return steps[-1]
+    if int(step) not in steps:
+      raise ValueError(f'no checkpoint for step {step} in {self.directory} (steps: {steps})')
+    return int(step)
+
+
+def load_params(directory: str, step: int | None = None, keys=('params', 'batch_stats')) -> dict:
+  """Restores only `keys` of a checkpoint's state (for evaluation or `load_from`).
+
+  Needs no optimizer structure: the shapes come from the checkpoint's metadata. Returns a dict
+  with those of `keys` that the checkpoint has, as jax Arrays on `jax.local_devices()[0]`.
+  `directory`: a Checkpointer directory (`work_dir/checkpoints`); `step`: default the latest.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'checkpoint directory not found: {directory}')
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(directory, options=options,
+                             item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler)) as manager:
+    steps = sorted(s for s in manager.all_steps()
+                   if os.path.exists(os.path.join(directory, str(s), _COMMIT_FILE)))
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    if step is None:
+      step = steps[-1]
+    elif int(step) not in steps:
+      raise ValueError(f'no checkpoint for step {step} in {directory} (steps: {steps})')
+    tree = manager.item_metadata(step)['state'].tree
+    wanted = {k: tree[k] for k in keys if k in tree}
+    if not wanted:
+      raise ValueError(f'checkpoint {directory}/{step} has none of {keys} (has {sorted(tree)})')
+    target = _on_default_device(wanted)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    restored = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+  return dict(restored['state'])
+
+
+def _item_handlers(state_handler):
+  return dict(state=state_handler(), data=ocp.JsonCheckpointHandler(),
+              extra=ocp.JsonCheckpointHandler())
+
+
+def _on_default_device(tree):
+  """Leaves with .shape/.dtype -> ShapeDtypeStructs placed on jax.local_devices()[0]."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def abstract(x):
+    if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    raise ValueError(f'restore target leaves must be arrays or ShapeDtypeStructs, got {type(x)}')
+
+  return jax.tree.map(abstract, tree)
+
+
+def _check_host_local(state):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_replicated and len(leaf.devices()) > 1:
+      raise ValueError(f'state leaf {jax.tree_util.keystr(path)} is sharded over '
+                       f'{len(leaf.devices())} devices; un-replicate the state before saving '
+                       '(e.g. jax.tree.map(lambda x: x[0], state) after pmap)')
+
+
+def _jsonable(value, name):
+  """dicts/lists/tuples of str/bool/int/float/None, numpy scalars and arrays -> plain JSON types."""
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v, name) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v, name) for v in value]
+  if isinstance(value, (np.generic, np.ndarray)):
+    return value.tolist()
+  if isinstance(value, jax.Array):
+    return np.asarray(value).tolist()
+  if value is None or isinstance(value, (str, bool, int, float)):
+    return value
+  raise ValueError(f'{name} must be JSON-able; got {type(value).__name__}: {value!r}')
+
+
+# ------------------------------------------------------------------------------------ preemption
+
+class StopRequest:
+  """Set by SIGTERM / SIGINT: `.requested` turns True and `.signal` names the signal.
+
+  The train loop checks `.requested` each step, saves a checkpoint and returns. The first signal
+  also puts back the previous handlers, so a second Ctrl-C raises KeyboardInterrupt (and a second
+  SIGTERM terminates) as usual. `.uninstall()` (or leaving the `with` block) restores them too.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.signal = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    self.signal = signal.Signals(signum).name
+    self.uninstall()
+
+  def uninstall(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.uninstall()
+
+
+def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGINT)) -> StopRequest:
+  """Catches SIGTERM / SIGINT into a `StopRequest` (see there).
+
+  Signal handlers can only be set from the main thread; elsewhere nothing is installed and
+  `.requested` stays False.
+  """
+  stop = StopRequest()
+  if threading.current_thread() is not threading.main_thread():
+    return stop
+  for signum in signals:
+    stop._previous[signum] = signal.getsignal(signum)
+    signal.signal(signum, stop._handle)
+  return stop

@@ -1,0 +1,60 @@
+"""Evaluate a checkpoint on the config's val set with pycocotools.
+
+  python -m jaxdet.evaluate --config configs/atss.py:smoke --checkpoint work_dirs/atss_smoke \
+      [--out detections.json] [--config.KEY=VALUE ...]
+
+`--checkpoint` is a run's work_dir (its latest checkpoint), its `checkpoints` folder, or one
+step's folder inside it.
+"""
+import functools
+import os
+import sys
+
+import jax
+
+from jaxdet import evaluation
+from jaxdet.data import loader as data_loader
+from jaxdet.data.sources import build_source, check_num_classes
+from jaxdet.engine import checkpoint as ckpt
+from jaxdet.engine import config_cli
+from jaxdet.models.detectors import build_detector, compute_dtype
+from jaxdet.train import AXIS, evaluate, predict_step, replicate
+
+
+def checkpoint_dir(path):
+  """The orbax checkpoint folder for a work_dir, a checkpoints folder or a step folder."""
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return os.path.join(path, 'checkpoints'), None
+  base = os.path.basename(os.path.normpath(path))
+  if base.isdigit():
+    return os.path.dirname(os.path.normpath(path)), int(base)
+  return path, None
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  spec, overrides, flags = config_cli.parse_args(argv)
+  if not flags.get('checkpoint'):
+    raise ValueError('--checkpoint DIR is required (a work_dir or its checkpoints folder)')
+  config = config_cli.load_config(spec, overrides)
+  directory, step = checkpoint_dir(flags['checkpoint'])
+  variables = ckpt.load_params(directory, step)
+  source = build_source(config.data, 'val')
+  check_num_classes(config.model.num_classes, source)
+  eval_loader = data_loader.build_eval_loader(config.data, source)
+  detector = build_detector(config.model, config.dtype)
+  p_predict = jax.pmap(functools.partial(predict_step, detector=detector,
+                                         pipeline=config.data.pipeline,
+                                         dtype=compute_dtype(config.dtype)), axis_name=AXIS)
+  state = replicate(dict(params=variables['params'],
+                         batch_stats=variables.get('batch_stats', {})))
+  metrics = evaluate(p_predict, state, eval_loader, source)
+  if flags.get('out'):
+    import json  # pylint: disable=import-outside-toplevel
+    with open(flags['out'], 'w') as f:
+      json.dump({k: metrics[k] for k in evaluation.METRICS}, f)
+  print(evaluation.format_results_table([{k: metrics[k] for k in evaluation.METRICS}]))
+
+
+if __name__ == '__main__':
+  config_cli.main_error_exit(main)

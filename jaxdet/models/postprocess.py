@@ -1,0 +1,79 @@
+"""Test-time post-processing of dense heads, mmdetection 3.3's order, inside `jit`, one image.
+
+`BaseDenseHead._predict_by_feat_single` + `_bbox_post_process`:
+  per level: scores (sigmoid) -> keep (prior, class) pairs with score > score_thr -> the top
+  `nms_pre` of them; concatenate levels; decode the kept priors' regressions (clipped to the
+  image's `img_shape`); map boxes to original-image pixels; multiply scores by the score factors
+  (sigmoid centerness); drop boxes of width or height <= min_bbox_size; class-aware NMS;
+  keep `max_per_img`.
+Outputs have a fixed size `max_per_img` with a validity mask.
+"""
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxdet.data.transforms import boxes_to_original
+from jaxdet.ops.nms import batched_nms, filter_scores_and_topk
+
+
+class Predictions(NamedTuple):
+  """Detections of one image (vmapped: a leading batch axis), best first.
+
+  boxes: (K, 4) float32 xyxy in original-image pixels; scores (K,); labels (K,) int32 (-1 in
+  padding); valid (K,) bool.  K = test_cfg.max_per_img.
+  """
+  boxes: jax.Array
+  scores: jax.Array
+  labels: jax.Array
+  valid: jax.Array
+
+
+def flatten_levels(level_outputs: Sequence[jax.Array], width: int) -> jax.Array:
+  """Per-level maps (B, H_l, W_l, P * width) -> (B, sum_l H_l W_l P, width), in the priors'
+  order (level, y, x, prior)."""
+  return jnp.concatenate([x.reshape(x.shape[0], -1, width) for x in level_outputs], axis=1)
+
+
+def dense_predict(cls_logits: Sequence[jax.Array], box_regs: Sequence[jax.Array],
+                  score_logits: Optional[Sequence[jax.Array]], priors: Sequence[jax.Array],
+                  decode: Callable, meta: dict, *, score_thr: float, nms_pre: int,
+                  iou_threshold: float, max_per_img: int, min_bbox_size: float = 0.):
+  """One image's detections from its per-level head outputs.
+
+  Args:
+    cls_logits: per level (N_l, C) sigmoid class logits, priors in order.
+    box_regs: per level (N_l, R) regressions (deltas, distances, ...).
+    score_logits: per level (N_l,) centerness logits, or None.
+    priors: per level (N_l, D) priors (anchors or points).
+    decode: `decode(priors (K, D), regs (K, R), img_shape (2,)) -> (K, 4)` boxes in input pixels.
+    meta: the image's `img_shape (2,)`, `scale_factor (2,)`, `flip ()`, `offset (2,)` (a batch row).
+  """
+  kept_priors, kept_regs, kept_scores, kept_labels, kept_valid, kept_factors = [], [], [], [], [], []
+  for level, logits in enumerate(cls_logits):
+    scores, labels, index, valid = filter_scores_and_topk(jax.nn.sigmoid(logits), score_thr,
+                                                          nms_pre)
+    kept_priors.append(priors[level][index])
+    kept_regs.append(box_regs[level][index])
+    kept_scores.append(scores)
+    kept_labels.append(labels)
+    kept_valid.append(valid)
+    if score_logits is not None:
+      kept_factors.append(jax.nn.sigmoid(score_logits[level][index]))
+  boxes = decode(jnp.concatenate(kept_priors), jnp.concatenate(kept_regs), meta['img_shape'])
+  boxes = boxes_to_original(boxes, {k: meta[k] for k in ('scale_factor', 'offset', 'flip',
+                                                         'img_shape')})
+  scores = jnp.concatenate(kept_scores)
+  if score_logits is not None:
+    scores = scores * jnp.concatenate(kept_factors)
+  labels = jnp.concatenate(kept_labels)
+  valid = jnp.concatenate(kept_valid)
+  if min_bbox_size >= 0:
+    wh = boxes[:, 2:] - boxes[:, :2]
+    valid = valid & jnp.all(wh > min_bbox_size, axis=-1)
+  keep, keep_valid = batched_nms(boxes, scores, labels, iou_threshold=iou_threshold,
+                                 max_output=max_per_img, valid=valid)
+  return Predictions(boxes=jnp.where(keep_valid[:, None], boxes[keep], 0.),
+                     scores=jnp.where(keep_valid, scores[keep], 0.),
+                     labels=jnp.where(keep_valid, labels[keep], -1),
+                     valid=keep_valid)

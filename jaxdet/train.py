@@ -1,0 +1,322 @@
+"""Train a detector, evaluate it with pycocotools, checkpoint and resume.
+
+  python -m jaxdet.train --config configs/atss.py:smoke [--workdir DIR] [--config.KEY=VALUE ...]
+
+Reads top to bottom: `create_train_state`, `train_step`, `val_step`, `predict_step`, `evaluate`,
+then `train_and_evaluate`, the loop. `jax.pmap` spreads each batch over the local devices (axis
+name 'batch'); the model and its loss only see that name, for their cross-device means.
+Running the same command again with the same work_dir resumes from its last checkpoint.
+Multi-host: `--config.distributed=True` calls `jax.distributed.initialize()` first (it reads the
+coordinator from the cluster environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS etc.);
+each host then loads its share of every global batch.
+"""
+import functools
+import json
+import logging
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdet import evaluation
+from jaxdet.data import loader as data_loader
+from jaxdet.data.sources import build_source, check_num_classes
+from jaxdet.data.transforms import normalize_images
+from jaxdet.engine import checkpoint as ckpt
+from jaxdet.engine import config_cli
+from jaxdet.engine import logging as jd_logging
+from jaxdet.engine.optimizer import build_optimizer, lr_scaling_line, scaled_lr
+from jaxdet.engine.schedules import build_schedule
+from jaxdet.models.backbones import frozen_param_mask
+from jaxdet.models.detectors import build_detector, compute_dtype
+
+log = logging.getLogger('jaxdet.train')
+AXIS = 'batch'
+
+
+# ----------------------------------------------------------------------------- state
+
+def init_variables(detector, image_shape, seed):
+  """Model variables ({'params', 'batch_stats'}) for images of `image_shape` (B, H, W, 3)."""
+  init = jax.jit(lambda key: detector.module.init(key, jnp.zeros(image_shape, jnp.float32)))
+  return jax.device_get(init(jax.random.key(seed)))
+
+
+def frozen_mask(params, model_cfg):
+  """True for parameters that never train (the backbone's frozen stages)."""
+  mask = jax.tree_util.tree_map(lambda _: False, params)
+  mask['backbone'] = frozen_param_mask(params['backbone'], model_cfg.backbone.frozen_stages)
+  return mask
+
+
+def create_train_state(detector, config, image_shape, schedule):
+  """The host-side training state (params, batch_stats, opt_state, step) and the optimizer."""
+  if config.model.backbone.get('pretrained', ''):
+    raise ValueError('model.backbone.pretrained: loading ImageNet weights is not implemented yet '
+                     '(jaxdet issue 7); set --config.model.backbone.pretrained= to train from '
+                     'scratch')
+  variables = init_variables(detector, image_shape, config.seed)
+  params = variables['params']
+  tx = build_optimizer(config.optimizer, schedule, params, frozen_mask(params, config.model))
+  state = dict(step=np.zeros((), np.int32), params=params,
+               batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  return state, tx
+
+
+def device_sharding():
+  """Sharding of arrays with a leading device axis over the local devices (pmap's layout)."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def replicate(tree):
+  """Put one copy of `tree` on every local device (leading axis = device), as pmap expects."""
+  sharding, n = device_sharding(), jax.local_device_count()
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding),
+      tree)
+
+
+def unreplicate(tree):
+  """The first device's copy, on the host."""
+  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _images(batch, pipeline, dtype):
+  return normalize_images(batch['image'], batch['img_shape'], mean=tuple(pipeline.mean),
+                          std=tuple(pipeline.std), to_bgr=pipeline.to_bgr, dtype=dtype)
+
+
+def _total(losses):
+  return sum(v for k, v in losses.items() if k.startswith('loss_'))
+
+
+def train_step(state, batch, *, detector, tx, pipeline, dtype, axis_name=AXIS):
+  """One optimisation step on one device's share of the batch (run under pmap)."""
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state['batch_stats']}
+    outputs, mutated = detector.module.apply(variables, _images(batch, pipeline, dtype),
+                                             train=True, mutable=['batch_stats'])
+    losses = detector.loss(outputs, batch, axis_name=axis_name)
+    return _total(losses), (losses, mutated)
+
+  (loss, (losses, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  new_state = dict(step=state['step'] + 1, params=optax.apply_updates(state['params'], updates),
+                   batch_stats=jax.lax.pmean(mutated.get('batch_stats', {}), axis_name),
+                   opt_state=opt_state)
+  metrics = dict(losses, loss=loss, grad_norm=optax.global_norm(grads))
+  return new_state, jax.lax.pmean(metrics, axis_name)
+
+
+def val_step(state, batch, *, detector, pipeline, dtype, axis_name=AXIS):
+  """Losses without an update (mmdetection's 'val' workflow phase), BN in eval mode."""
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), train=False)
+  batch = dict(batch, pad_shape=jnp.where(batch['image_valid'][:, None], batch['pad_shape'], 0))
+  losses = detector.loss(outputs, batch, axis_name=axis_name)
+  return jax.lax.pmean(dict(losses, loss=_total(losses)), axis_name)
+
+
+def predict_step(state, batch, *, detector, pipeline, dtype):
+  """Detections of one device's images, boxes in original pixels (fixed size + valid mask)."""
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), train=False)
+  return detector.predict(outputs, batch)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(p_predict, state, eval_loader, source, *, work_dir=None, tag=None):
+  """COCO box AP of the model on every image of `source`; writes detections json if asked."""
+  results = []
+  for batch in eval_loader:
+    pred = jax.device_get(p_predict(state, batch))
+    flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      pred, ids, mask = multihost_utils.process_allgather(
+          (pred, batch['image_id'], batch['image_valid']), tiled=True)
+    else:
+      ids, mask = batch['image_id'], batch['image_valid']
+    results += evaluation.predictions_to_coco_results(
+        flat(pred.boxes), flat(pred.scores), flat(pred.labels), flat(pred.valid), flat(ids),
+        source.cat_ids, image_mask=flat(mask))
+  if work_dir and tag and jax.process_index() == 0:
+    _write_json_atomic(os.path.join(work_dir, f'detections_{tag}.json'), results)
+  return evaluation.coco_evaluate(results, source.coco, img_ids=list(source.image_ids))
+
+
+def _write_json_atomic(path, obj):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def build_everything(config):
+  """Sources, loaders, detector, optimizer: what both train and evaluate need."""
+  num_devices = jax.local_device_count()
+  train_source = build_source(config.data, 'train')
+  val_source = build_source(config.data, 'val')
+  check_num_classes(config.model.num_classes, train_source)
+  train_loader = data_loader.build_train_loader(config.data, train_source, seed=config.seed,
+                                                num_devices=num_devices)
+  eval_loader = data_loader.build_eval_loader(config.data, val_source, num_devices=num_devices)
+  return train_source, val_source, train_loader, eval_loader
+
+
+def _log_lr_line(config, num_devices, global_batch):
+  o = config.optimizer
+  lr = scaled_lr(o.base_lr, global_batch, o.base_batch)
+  per_device = global_batch // (num_devices * jax.process_count())
+  print(lr_scaling_line(o.base_lr, lr, num_devices * jax.process_count(), per_device,
+                        o.base_batch), flush=True)
+  return lr
+
+
+def train_and_evaluate(config, work_dir):
+  """The whole run; returns the last evaluation's metrics."""
+  os.makedirs(work_dir, exist_ok=True)
+  jd_logging.setup_logging(work_dir)
+  config_cli.save_config(config, os.path.join(work_dir, 'config.json'))
+  dtype = compute_dtype(config.dtype)
+  num_devices = jax.local_device_count()
+
+  _, val_source, train_loader, eval_loader = build_everything(config)
+  steps_per_epoch = train_loader.batches_per_epoch
+  total_steps = config.schedule.epochs * steps_per_epoch
+  if config.max_steps:
+    total_steps = min(total_steps, config.max_steps)
+  lr = _log_lr_line(config, num_devices, train_loader.global_batch)
+  print(f'{steps_per_epoch} steps/epoch, {total_steps} steps; training compiles '
+        f'{train_loader.num_programs} program(s) {train_loader.shapes}, evaluation '
+        f'{eval_loader.num_programs}', flush=True)
+
+  detector = build_detector(config.model, config.dtype)
+  schedule = build_schedule(lr, config.schedule, steps_per_epoch=steps_per_epoch)
+  image_shape = (1,) + tuple(train_loader.shapes[0][2:])
+  host_state, tx = create_train_state(detector, config, image_shape, schedule)
+
+  checkpointer = ckpt.Checkpointer(os.path.join(work_dir, 'checkpoints'),
+                                   max_to_keep=config.max_to_keep)
+  data_state, start_step = None, 0
+  if checkpointer.latest_step() is not None:
+    host_state, data_state, _ = checkpointer.restore(host_state)
+    start_step = int(host_state['step'])
+    print(f'resumed from step {start_step}', flush=True)
+  elif config.get('load_from', ''):
+    raise ValueError('load_from: fine-tuning from a checkpoint is not implemented yet '
+                     '(jaxdet issue 7)')
+
+  statics = dict(detector=detector, pipeline=config.data.pipeline, dtype=dtype)
+  p_train = jax.pmap(functools.partial(train_step, tx=tx, **statics), axis_name=AXIS,
+                     donate_argnums=(0,))
+  p_val = jax.pmap(functools.partial(val_step, **statics), axis_name=AXIS)
+  p_predict = jax.pmap(functools.partial(predict_step, **statics), axis_name=AXIS)
+  state = replicate(host_state)
+  del host_state
+
+  writer = jd_logging.MetricWriter(work_dir)
+  signals = ckpt.install_signal_handlers()
+  iterator = train_loader.iterator(data_state)
+  last_metrics, throughput = {}, None
+
+  def save(step):
+    checkpointer.save(step, unreplicate(state), data_state=iterator.get_state(),
+                      extra=dict(epoch=step // steps_per_epoch))
+
+  step = start_step
+  t_log, step_log = None, step  # throughput is timed from the end of the first step (compile)
+  try:
+    while step < total_steps:
+      batch = next(iterator)
+      state, metrics = p_train(state, batch)
+      step += 1
+      epoch = (step - 1) // steps_per_epoch + 1
+      epoch_end = step % steps_per_epoch == 0 or step == total_steps
+      if step % config.log_interval == 0 or epoch_end or step == start_step + 1:
+        m = {k: float(v) for k, v in unreplicate(metrics).items()}
+        if not np.isfinite(m['loss']):
+          raise FloatingPointError(
+              f'loss is {m["loss"]} at step {step}: stopping; the last good checkpoint is '
+              f'step {checkpointer.latest_step()}')
+        now = time.time()
+        if t_log is not None and step > step_log:
+          sec_per_step = (now - t_log) / (step - step_log)
+          throughput = train_loader.global_batch / sec_per_step
+        t_log, step_log = now, step
+        eta = (total_steps - step) * (train_loader.global_batch / throughput) if throughput else None
+        lr_now = float(schedule(step - 1))
+        print(jd_logging.format_log_line(
+            epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, lr=lr_now, losses=m,
+            img_per_s=throughput, eta_s=eta, mem_bytes=jd_logging.device_memory_bytes()),
+            flush=True)
+        writer.scalars(step, dict(kind='train', lr=lr_now, **m,
+                                  **({'img_per_s': throughput} if throughput else {})))
+      if signals.requested:
+        save(step)
+        print(f'stopped by signal at step {step}; checkpoint saved, rerun to resume', flush=True)
+        return last_metrics
+      if epoch_end:
+        last = step == total_steps
+        if any(phase == 'val' for phase, _ in config.workflow):
+          vals = [jax.device_get(p_val(state, b)) for b in eval_loader]
+          vm = {k: float(np.mean([v[k][0] for v in vals])) for k in vals[0]}
+          print(f'Epoch(val) [{epoch}]  ' + '  '.join(f'{k}: {v:.4f}' for k, v in vm.items()),
+                flush=True)
+          writer.scalars(step, dict(kind='val', epoch=epoch, **vm))
+        if epoch % config.checkpoint_interval == 0 or last:
+          save(step)
+        if epoch % config.eval_interval == 0 or last:
+          last_metrics = _evaluate_and_report(config, work_dir, p_predict, state, eval_loader,
+                                              val_source, writer, epoch, step, throughput)
+  finally:
+    iterator.close()
+    checkpointer.close()
+    writer.close()
+  return last_metrics
+
+
+def _evaluate_and_report(config, work_dir, p_predict, state, eval_loader, source, writer,
+                         epoch, step, throughput):
+  print(f'evaluating epoch {epoch} (step {step}) on {eval_loader.num_images} images', flush=True)
+  metrics = evaluate(p_predict, state, eval_loader, source, work_dir=work_dir,
+                     tag=f'epoch_{epoch}')
+  scalars = {k: metrics[k] for k in evaluation.METRICS}
+  writer.scalars(step, dict(kind='eval', epoch=epoch, **scalars))
+  row = dict(config.results_row.to_dict() if hasattr(config.results_row, 'to_dict')
+             else config.results_row)
+  table_row = {'Network': row.get('network'), 'Dataset': row.get('dataset'),
+               'Backbone': row.get('backbone'), 'style': row.get('style'),
+               'Lr schd': row.get('lr_schd'), 'Mem': jd_logging.device_memory_bytes() / 2**30,
+               'img/s': throughput, **scalars}
+  table = evaluation.format_results_table([table_row])
+  if jax.process_index() == 0:
+    with open(os.path.join(work_dir, 'results.md'), 'w') as f:
+      f.write(table + '\n')
+  print(table, flush=True)
+  return metrics
+
+
+def main(argv=None):
+  spec, overrides, flags = config_cli.parse_args(sys.argv[1:] if argv is None else argv)
+  config = config_cli.load_config(spec, overrides)
+  if config.get('distributed', False):
+    jax.distributed.initialize()
+  work_dir = flags.get('workdir') or config.work_dir
+  train_and_evaluate(config, work_dir)
+
+
+if __name__ == '__main__':
+  config_cli.main_error_exit(main)
