@@ -113,7 +113,7 @@ def train_step(state, batch, *, detector, tx, pipeline, dtype, axis_name=AXIS):
   new_state = dict(step=state['step'] + 1, params=optax.apply_updates(state['params'], updates),
                    batch_stats=jax.lax.pmean(mutated.get('batch_stats', {}), axis_name),
                    opt_state=opt_state)
-  metrics = dict(losses, loss=loss, grad_norm=optax.global_norm(grads))
+  metrics = dict(losses, loss=loss, grad_norm=optax.tree.norm(grads))
   return new_state, jax.lax.pmean(metrics, axis_name)
 
 

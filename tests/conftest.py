@@ -1,4 +1,10 @@
 import os
+import tempfile
 
-# Tests run on the CPU with float32; keep XLA from grabbing every core twice over.
+# Tests run on the CPU in float32.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole run (subprocesses included): the training
+# tests compile the same train / val / predict programs in several runs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "jaxdet-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

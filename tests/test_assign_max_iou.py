@@ -1,5 +1,8 @@
 """max_iou_assign against a slow numpy reference that follows mmdetection's MaxIoUAssigner step
-by step (its per-gt loop included), and hand-worked cases for every tie and threshold rule."""
+by step (its per-gt loop included), and hand-worked cases for every tie and threshold rule.
+
+Exact float equality is the CPU's (where the suite runs): on GPU, XLA's float32 division is not
+correctly rounded, so IoUs there may differ from numpy's / torch's by an ulp or two."""
 import functools
 
 import jax

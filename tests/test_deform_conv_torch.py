@@ -65,13 +65,15 @@ def test_matches_torchvision_forward_and_gradients(name):
   tout.backward(nchw(grad_out))
 
   if mask is None:
-    f = lambda x, o, k: deform_conv2d(x, o, None, k, **conf)
-    out, vjp = jax.vjp(f, x, offset, kernel)
-    gx, goff, gk = vjp(grad_out)
+    def run(x, o, k, g):
+      out, vjp = jax.vjp(lambda x, o, k: deform_conv2d(x, o, None, k, **conf), x, o, k)
+      return out, vjp(g)
+    out, (gx, goff, gk) = jax.jit(run)(x, offset, kernel, grad_out)
   else:
-    f = lambda x, o, m, k: deform_conv2d(x, o, m, k, **conf)
-    out, vjp = jax.vjp(f, x, offset, mask, kernel)
-    gx, goff, gm, gk = vjp(grad_out)
+    def run(x, o, m, k, g):
+      out, vjp = jax.vjp(lambda *a: deform_conv2d(*a, **conf), x, o, m, k)
+      return out, vjp(g)
+    out, (gx, goff, gm, gk) = jax.jit(run)(x, offset, mask, kernel, grad_out)
     assert _rel(gm, nhwc(tmask.grad)) < RTOL
   assert _rel(out, nhwc(tout)) < RTOL
   assert _rel(gx, nhwc(tx.grad)) < RTOL
@@ -126,8 +128,10 @@ def test_layer_matches_mmcv_module(mmcv_dcn_class, bias, stride, groups):
   expected_shapes = jax.tree_util.tree_map(
       lambda s: s.shape, jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
   assert jax.tree_util.tree_map(lambda a: a.shape, params) == expected_shapes
-  out, vjp = jax.vjp(lambda p, x: layer.apply({"params": p}, x), params, x)
-  grad_params, grad_x = vjp(grad_out)
+  def run(p, x, g):
+    out, vjp = jax.vjp(lambda p, x: layer.apply({"params": p}, x), p, x)
+    return out, vjp(g)
+  out, (grad_params, grad_x) = jax.jit(run)(params, x, grad_out)
   assert _rel(out, nhwc(tout)) < RTOL
   assert _rel(grad_x, nhwc(tx.grad)) < RTOL
   torch_grads = params_from_torch({k: p.grad for k, p in m.named_parameters()})
@@ -154,6 +158,7 @@ def test_nasfcos_head_dcn_converts_one_to_one(mmcv_dcn_class):
   head.init_weights()
   state = head.state_dict()
   layer = ModulatedDeformConv2dPack(256, kernel_size=3, padding=1, deform_groups=2)
+  apply = jax.jit(layer.apply)
   x = np.random.default_rng(0).standard_normal((1, 6, 7, 256)).astype(np.float32)
   for branch in ("cls_convs", "reg_convs"):
     for index in (0, 2):  # dconv3x3, conv3x3, dconv3x3, conv1x1
@@ -171,4 +176,4 @@ def test_nasfcos_head_dcn_converts_one_to_one(mmcv_dcn_class):
         module.conv_offset.weight.normal_(0, 0.02)  # make the check non-trivial
         expected = nhwc(_mmcv_forward(module, nchw(x)))
       params = params_from_torch(module.state_dict())
-      assert _rel(layer.apply({"params": params}, x), expected) < RTOL
+      assert _rel(apply({"params": params}, x), expected) < RTOL

@@ -225,7 +225,8 @@ def _iou(a, b):
 @pytest.mark.parametrize("min_iou", [0.1, 0.5])
 def test_min_iou_random_crop_rules(min_iou):
   rec = _record(h=100, w=120, n=2, seed=1)
-  rec["boxes"] = np.array([[10, 10, 100, 90], [40, 30, 70, 60]], np.float32)
+  rec["boxes"] = np.array([[10, 10, 100, 90], [40, 30, 70, 60] if min_iou < 0.3 else
+                           [20, 15, 95, 85]], np.float32)  # both boxes can reach IoU 0.5
   t = T.MinIoURandomCrop()
   t.sample_mode = (min_iou,)  # always crop with this threshold
   seen_drop = False

@@ -18,29 +18,29 @@ the assigner, so step 1 counts only valid anchors of each level; they come out i
 with ``max_overlap`` 0.
 
 Distance ties at the k-th place, which ``torch.topk`` breaks arbitrarily, are broken here by
-the smaller squared vertical offset ``dy**2``, then the smaller ``dx**2``, then the lower
-anchor index.  That rule is what makes the two equivalent ways of finding the candidates give
-the same anchors, bit for bit:
+the smaller squared vertical offset ``dy**2``, then the upper centre, the smaller ``dx**2``,
+the left centre, the lower anchor index.  That order is what lets two ways of finding the
+candidates select the same anchors, bit for bit:
 
-* dense (``featmap_sizes=None``): distances of every anchor to every gt (A x G), per-level
-  selection -- simple, ~30 ms per image on a 2-core CPU at 20k anchors x 128 gts;
-* grid (``featmap_sizes`` given): anchors of a level form a regular grid whose centres are
-  ``cx[column]``, ``cy[row]``, so a cell's squared distance is ``kx[column] + ky[row]`` and is
-  non-decreasing in each term.  Rank the columns by ``(kx, column)`` and the rows by
-  ``(ky, row)``; the cell at column rank ``a`` and row rank ``b`` (1-based) is preceded, in the
-  order (distance, ky, kx, index), by every other cell of the ``a x b`` block of columns
-  ranked <= a and rows ranked <= b -- each has distance <= its own (float32 rounding is
-  monotone), and on an equal distance it has ky <= and kx <= with ties falling back on a
-  lower row, column and so index.  So a cell with ``a * b > topk`` has at least ``topk``
-  predecessors and is never selected: the candidates lie in the "hyperbolic" set
-  ``a * b <= topk`` of the ``topk`` nearest columns x ``topk`` nearest rows (23 cells for
-  ``topk = 9`` instead of the whole level), whatever the gt's position (far outside the image
-  too) and however small the level or its valid region.  The exact top-k is then picked among
-  those cells by counting predecessors.  With several anchors per location the argument runs
-  per base anchor (their centres may differ by rounding) and the union is ranked together.
-  This needs the anchors to be the regular grid mmdetection's ``AnchorGenerator`` (or
-  ``jaxdet.priors.anchor_grid``) produces, in its order (level, row, column, base anchor),
-  and ``valid`` to be a rectangle of locations per level, as mmdetection's valid flags are.
+* dense (``featmap_sizes=None``): distances of every anchor to every gt (A x G) and a per-level
+  selection -- simple, tens of ms per image on a 2-core CPU at 20k anchors x 128 gts;
+* grid (``featmap_sizes`` given, ~1 ms): a level's anchors form a regular grid, so a cell's
+  squared distance is ``fl(kx[column] + ky[row])``, non-decreasing in each term.  Rank the
+  columns by (kx, centre) and the rows by (ky, centre).  The cell at column rank ``a`` and row
+  rank ``b`` (1-based) comes after every other cell of the block of columns ranked <= a and
+  rows ranked <= b: each has a distance no larger (float32 rounding is monotone) and, on an
+  equal distance, keys and centres no larger in the order above.  So a cell with ``a * b >
+  topk`` has ``topk`` cells before it and is never a candidate: the candidates lie in the
+  "hyperbolic" set ``a * b <= topk`` (23 cells for topk 9 instead of the whole level),
+  wherever the gt is (far outside the image too) and however small the level or its valid
+  region.  The ``topk`` nearest columns (rows) are consecutive and are found in a window of
+  ``2 topk + 2`` lines around the gt; the exact top-k is then picked among the 23 cells by
+  counting predecessors.  With several anchors per location the argument runs per base
+  anchor (their centres may differ by rounding) and the union is ranked together.  This
+  needs the anchors to be the regular grid of mmdetection's ``AnchorGenerator`` (or
+  ``jaxdet.priors.anchor_grid``) in its order (level, row, column, base anchor), ``valid`` to
+  be mmdetection's valid flags (per level, the locations of the first rows and columns), and
+  |coordinates| < 1e6 px.
 
 Every product is rounded to float32 before it is summed (XLA would otherwise fuse it into an
 FMA), so distances and IoUs are those of mmdetection's float32 torch code bit for bit.  Its
@@ -121,15 +121,32 @@ def _materialize(x):
   return jnp.max(jnp.stack([x, jnp.full_like(x, lowest)]), axis=0)
 
 
+# Layout: the gt axis G is the LAST axis of every (..., G) array below.  Pairwise comparisons
+# then run along G in contiguous memory, which XLA:CPU vectorises (about 15x faster than with
+# the compared axis last).
+
 def _rank(*keys):
-  """Rank of each entry along the last axis in the order (keys..., position), most
-  significant key first: (..., m) arrays -> (..., m) int32, a permutation of 0 .. m - 1."""
-  m = keys[0].shape[-1]
-  before = jnp.asarray(np.arange(m)[None, :] < np.arange(m)[:, None])  # [j, i]: i before j
+  """Rank of each entry along axis -2 in the order (keys..., position), most significant key
+  first: (..., m, G) arrays -> (..., m, G) int32, per G a permutation of 0 .. m - 1."""
+  m = keys[0].shape[-2]
+  before = np.arange(m)[None, :, None] < np.arange(m)[:, None, None]  # [j, i]: i before j
   for key in reversed(keys):
-    a, b = key[..., None, :], key[..., :, None]
+    a, b = key[..., None, :, :], key[..., :, None, :]
     before = (a < b) | ((a == b) & before)
-  return jnp.sum(before, axis=-1, dtype=jnp.int32)
+  return jnp.sum(before, axis=-2, dtype=jnp.int32)
+
+
+def _position_of_rank(rank, k):
+  """(..., m, G) ranks -> (..., k, G): the position holding rank 0 .. k - 1."""
+  m = rank.shape[-2]
+  hit = rank[..., None, :, :] == np.arange(k)[:, None, None]  # (..., k, m, G)
+  return jnp.sum(jnp.where(hit, np.arange(m)[:, None], 0), axis=-2)
+
+
+def _take(x, index):
+  """``x[..., index[..., j, g], g]``: (..., N, G or 1) gathered along axis -2 by (..., m, G)."""
+  return jnp.take_along_axis(jnp.broadcast_to(x, index.shape[:-2] + x.shape[-2:-1]
+                                              + index.shape[-1:]), index, axis=-2)
 
 
 def _nearest_lines(centres, line_ok, g, topk):
@@ -137,39 +154,38 @@ def _nearest_lines(centres, line_ok, g, topk):
 
   centres: (L, n, N) float32 line centres per level and base anchor, increasing along N by a
   regular step; line_ok: (L, n, N) bool, valid lines (a prefix: padding lines are invalid);
-  g: (G,) gt centres.  Lines are ranked by (key, centre), key = (centre - g)**2 rounded as in
-  the distance, invalid lines last.
+  g: (L, 1, G) gt centres.  Lines are ranked by (key, centre), key = (centre - g)**2 rounded
+  as in the distance, invalid lines last.  (Columns and rows go through together: L counts
+  both.)
 
-  Returns (G, L, n, k) arrays: line index, key, centre, validity, in rank order.
+  Returns (L, n, k, G) arrays: line index, key, centre, validity, in rank order.
 
-  Why the 2k + 2 lines around the p valid lines left of g hold the k first: keys decrease up
-  to line p - 1 and increase from p; a line right of ``p + k - 1`` comes after the k lines
-  p .. p + k - 1 (keys no larger, centres smaller), one left of ``p - k`` after the k lines
-  p - k .. p - 1 (keys strictly smaller: the lines are a step apart, and their squares differ
-  in float32 while |coordinates| < 1e6 px).  p is estimated from the step to within 1.
+  With p valid lines left of g, keys decrease up to line p - 1 and increase from p (strictly:
+  lines are a step apart, and their squares differ in float32 while |coordinates| < 1e6 px).
+  So the k first are the k consecutive lines from ``lo``, the first line whose key is no
+  larger than that of the line k further (lower lines win ties), and lo lies in [p - k, p];
+  p is estimated from the step to within 1, so a window of 2k + 2 lines holds them.
   """
   num_lines = centres.shape[-1]
-  width = min(2 * topk + 2, num_lines)
-  num_valid = jnp.sum(line_ok, axis=-1)  # (L, n)
-  first, last = centres[..., 0], jnp.take_along_axis(
-      centres, jnp.maximum(num_valid - 1, 0)[..., None], axis=-1)[..., 0]
+  k = min(topk, num_lines)
+  width = min(2 * k + 2, num_lines)
+  num_valid = jnp.sum(line_ok, axis=-1, keepdims=True)  # (L, n, 1)
+  first = centres[..., :1]
+  last = jnp.take_along_axis(centres, jnp.maximum(num_valid - 1, 0), axis=-1)
   step = (last - first) / jnp.maximum(num_valid - 1, 1)
   step = jnp.where(step > 0, step, 1.)
-  g = g[:, None, None]  # (G, 1, 1)
-  left = jnp.ceil((jnp.clip(g, first - step, last + step) - first) / step)
-  left = jnp.clip(left.astype(jnp.int32), 0, num_valid)  # (G, L, n), within 1 of p
-  start = _materialize(jnp.clip(left - topk - 1, 0, num_lines - width))
-  lines = start[..., None] + np.arange(width)  # (G, L, n, width)
-  gather = lambda x, i: jnp.take_along_axis(jnp.broadcast_to(x, i.shape[:-1] + x.shape[-1:]),
-                                            i, axis=-1)
-  key = _materialize(jnp.where(gather(line_ok, lines), _sq(gather(centres, lines) - g[..., None]),
+  left = jnp.ceil((jnp.clip(g, first - step, last + step) - first) / step)  # (L, n, G)
+  left = jnp.clip(left.astype(jnp.int32), 0, num_valid)  # within 1 of p
+  start = _materialize(jnp.clip(left - k - 1, 0, num_lines - width))[..., None, :]
+  lines = start + np.arange(width)[:, None]  # (L, n, width, G)
+  centres, line_ok = centres[..., None], line_ok[..., None]  # (L, n, N, 1)
+  key = _materialize(jnp.where(_take(line_ok, lines), _sq(_take(centres, lines) - g[..., None, :]),
                                jnp.inf))
-  rank = _rank(key)  # centre order = position order within the window
-  # Window position of rank r (an integer sum, which XLA vectorises, unlike a float one).
-  pos = jnp.sum(jnp.where(rank[..., None, :] == np.arange(min(topk, width))[:, None],
-                          np.arange(width), 0), axis=-1)
-  ranked = start[..., None] + pos
-  return ranked, gather(key, pos), gather(centres, ranked), gather(line_ok, ranked)
+  lo = jnp.sum(key[..., :width - k, :] > key[..., k:, :], axis=-2, dtype=jnp.int32)
+  key = _take(key, lo[..., None, :] + np.arange(k)[:, None])  # the k first, by centre
+  order = _position_of_rank(_rank(key), k)  # by key, the lower line on equal keys
+  ranked = start + lo[..., None, :] + order
+  return ranked, _take(key, order), _take(centres, ranked), _take(line_ok, ranked)
 
 
 def _grid_tables(levels):
@@ -177,7 +193,7 @@ def _grid_tables(levels):
 
   Returns ``cols[l, b, i]``: the index of the anchor (row 0, column i, base anchor b) of
   level l, ``rows[l, b, j]`` that of (row j, column 0, b), masks of their real entries, and
-  per-level (start, width, anchors per location) as (L, 1, 1) arrays.
+  per-level (start, width, anchors per location) as (L, 1, 1, 1) arrays.
   """
   per_loc = [count // (h * w) for _, count, (h, w) in levels]
   n = max(per_loc)
@@ -190,103 +206,116 @@ def _grid_tables(levels):
     cols[l, :b, :w] = start + np.arange(w)[None, :] * b + np.arange(b)[:, None]
     rows[l, :b, :h] = start + np.arange(h)[None, :] * w * b + np.arange(b)[:, None]
     cols_real[l, :b, :w] = rows_real[l, :b, :h] = True
-  start, width, per_loc = (np.array(x, np.int32).reshape(-1, 1, 1) for x in (
+  start, width, per_loc = (np.array(x, np.int32).reshape(-1, 1, 1, 1) for x in (
       [s for s, _, _ in levels], [w for _, _, (_, w) in levels], per_loc))
   return cols, cols_real, rows, rows_real, (start, width, per_loc)
+
+
+def _joint_rank(key, centre):
+  """(L, n, k, G) line keys of n base anchors -> rank among all n * k of a level by (key,
+  centre); equal (key, centre) pairs share a rank."""
+  shape = key.shape
+  key, centre = (x.reshape((shape[0], -1, shape[-1])) for x in (key, centre))
+  a, b = (key[:, None], centre[:, None]), (key[:, :, None], centre[:, :, None])  # [l, j, i, G]
+  before = (a[0] < b[0]) | ((a[0] == b[0]) & (a[1] < b[1]))
+  return jnp.sum(before, axis=-2, dtype=jnp.int32).reshape(shape)
 
 
 def _grid_candidates(anchors, valid, gt_cx, gt_cy, levels, topk):
   """Candidates found on each level's grid, all levels at once (padded to the largest).
 
-  Returns ``cand (G, L * topk)`` int32 anchor indices and ``selected (G, L * topk)`` bool, which
+  Returns ``cand (L * topk, G)`` int32 anchor indices and ``selected (L * topk, G)`` bool, which
   of them are candidates (a level with fewer than topk valid anchors fills fewer).
   """
   num_anchors = anchors.shape[0]
   cols, cols_real, rows, rows_real, (start, width, per_loc) = _grid_tables(levels)
-  cx = (anchors[cols, 0] + anchors[cols, 2]) / 2.  # (L, n, W): column centres
-  cy = (anchors[rows, 1] + anchors[rows, 3]) / 2.  # (L, n, H): row centres
-  col, kx, cx, col_ok = _nearest_lines(cx, cols_real & valid[cols], gt_cx, topk)
-  row, ky, cy, row_ok = _nearest_lines(cy, rows_real & valid[rows], gt_cy, topk)
-  # The cells of column rank a and row rank b with (a + 1) * (b + 1) <= topk, by (b, a).
+  # Columns (x) and rows (y) of all levels side by side: (2L, n, N), N = max(W, H).
+  size = max(cols.shape[-1], rows.shape[-1])
+  pad = lambda x: np.pad(x, ((0, 0), (0, 0), (0, size - x.shape[-1])))
+  lines, lines_real = np.concatenate([pad(cols), pad(rows)]), np.concatenate(
+      [pad(cols_real), pad(rows_real)])
+  coord = np.repeat([[0, 2], [1, 3]], len(levels), axis=0)[:, None, None, :]  # x1, x2 | y1, y2
+  centres = (jnp.take_along_axis(anchors[lines], coord[..., :1], axis=-1)[..., 0]
+             + jnp.take_along_axis(anchors[lines], coord[..., 1:], axis=-1)[..., 0]) / 2.
+  g = jnp.concatenate([jnp.broadcast_to(gt_cx, (len(levels), 1) + gt_cx.shape),
+                       jnp.broadcast_to(gt_cy, (len(levels), 1) + gt_cy.shape)])
+  k = min(topk, size)
+  found = _nearest_lines(centres, lines_real & valid[lines], g, topk)  # (2L, n, k, G) each
+  (col, kx, cx, col_ok), (row, ky, cy, row_ok) = zip(*[
+      (x[:len(levels), :, :min(k, cols.shape[-1])], x[len(levels):, :, :min(k, rows.shape[-1])])
+      for x in found])
+  # The cells of column rank a and row rank b with (a + 1) * (b + 1) <= topk, listed by (b, a).
   row_rank, col_rank = (np.array(r) for r in zip(*[
-      (b, a) for b in range(row.shape[-1]) for a in range(col.shape[-1])
+      (b, a) for b in range(row.shape[-2]) for a in range(col.shape[-2])
       if (a + 1) * (b + 1) <= topk]))
-  cell = lambda x, r: jnp.swapaxes(x[..., r], -1, -2)  # (G, L, n, k) -> (G, L, P, n)
+  cell = lambda x, r: jnp.swapaxes(x[:, :, r], 1, 2)  # (L, n, k, G) -> (L, P, n, G)
   n = cols.shape[1]
-  index = start + (cell(row, row_rank) * width + cell(col, col_rank)) * per_loc + np.arange(n)
+  index = (start + (cell(row, row_rank) * width + cell(col, col_rank)) * per_loc
+           + np.arange(n)[:, None])
   index = jnp.clip(index, 0, num_anchors - 1)  # padding cells point anywhere: invalid below
   ok = cell(col_ok, col_rank) & cell(row_ok, row_rank) & valid[index]
   dist = _materialize(jnp.sqrt(jnp.where(ok, cell(kx, col_rank) + cell(ky, row_rank), jnp.inf)))
-  flat = lambda x: x.reshape(x.shape[:2] + (-1,))  # (G, L, P * n)
+  flat = lambda x: x.reshape((x.shape[0], -1, x.shape[-1]))  # (L, P * n, G)
   if n == 1:
     # Cells are listed by (row rank, column rank), i.e. by (ky, cy, kx, cx).
     rank = _rank(flat(dist))
   else:
     # Lines of different base anchors interleave: order ties by joint (key, centre) ranks.
-    second = (cell(_joint_rank(ky, cy), row_rank) * (n * col.shape[-1])
-              + cell(_joint_rank(kx, cx), col_rank)) * n + np.arange(n)
+    second = (cell(_joint_rank(ky, cy), row_rank) * (n * col.shape[-2])
+              + cell(_joint_rank(kx, cx), col_rank)) * n + np.arange(n)[:, None]
     rank = _rank(flat(dist), flat(second))
   # Invalid cells (dist inf) rank last; the cells of rank < topk, listed by rank, are the
-  # candidates (the level has fewer if fewer of its anchors are valid).
-  k = min(topk, rank.shape[-1])
-  pos = jnp.sum(jnp.where(rank[..., None, :] == np.arange(k)[:, None],
-                          np.arange(rank.shape[-1]), 0), axis=-1)  # (G, L, k)
-  cand = jnp.take_along_axis(flat(index), pos, axis=-1)
-  selected = jnp.take_along_axis(flat(ok), pos, axis=-1)
-  num_gts = index.shape[0]
-  return cand.reshape(num_gts, -1), selected.reshape(num_gts, -1)
-
-
-def _joint_rank(key, centre):
-  """(G, L, n, k) line keys of n base anchors -> rank among all n * k by (key, centre); equal
-  (key, centre) pairs share a rank."""
-  shape = key.shape
-  key, centre = (x.reshape(shape[:2] + (-1,)) for x in (key, centre))
-  before = (key[..., :, None] < key[..., None, :]) | (
-      (key[..., :, None] == key[..., None, :]) & (centre[..., :, None] < centre[..., None, :]))
-  return jnp.sum(before, axis=-2, dtype=jnp.int32).reshape(shape)
+  # candidates (fewer valid ones where fewer anchors of the level are valid).
+  pos = _position_of_rank(rank, min(topk, rank.shape[-2]))  # (L, k, G)
+  cand = jnp.take_along_axis(flat(index), pos, axis=-2)
+  selected = jnp.take_along_axis(flat(ok), pos, axis=-2)
+  num_gts = index.shape[-1]
+  return cand.reshape(-1, num_gts), selected.reshape(-1, num_gts)
 
 
 def _dense_candidates(anchors, valid, gt_cx, gt_cy, levels, topk):
-  """Candidates from the distances of every anchor to every gt, level by level.
+  """Candidates from the distances of every anchor to every gt (all levels at once, padded).
 
-  The k first by (dist, ky, cy, kx, cx, index): everything below the k-th distance, then the
-  tied ones refined key by key, finally by index; ``need`` counts what is still missing.
-  Returns ``(G, C)`` anchor indices and selection, as the grid path (other C).
+  The k first of a level by (dist, ky, cy, kx, cx, index): everything below the k-th
+  distance, then the tied ones refined key by key, finally by index; ``need`` counts what is
+  still missing.  Returns ``(L * k, G)`` anchor indices and selection, as the grid path.
   """
-  cx = (anchors[:, 0] + anchors[:, 2]) / 2.
-  cy = (anchors[:, 1] + anchors[:, 3]) / 2.
-  cands, selected = [], []
-  for start, count, _ in levels:
-    if count == 0:
-      continue
-    level = slice(start, start + count)
-    kx = _sq(cx[None, level] - gt_cx[:, None])  # (G, n)
-    ky = _sq(cy[None, level] - gt_cy[:, None])
-    ok = valid[None, level]
-    dist = jnp.where(ok, jnp.sqrt(kx + ky), jnp.inf)
-    k = min(topk, count)
-    d_k = -jax.lax.top_k(-dist, k)[0][:, -1:]
-    chosen = dist < d_k
-    tied = ok & (dist == d_k)
-    need = k - jnp.sum(chosen, axis=1, keepdims=True)
-    for key in (ky, cy[None, level], kx, cx[None, level]):
-      key = jnp.where(tied, key, jnp.inf)
-      key_r = jnp.take_along_axis(-jax.lax.top_k(-key, k)[0], jnp.maximum(need - 1, 0), axis=1)
-      below = tied & (key < key_r)
-      chosen |= below
-      need -= jnp.sum(below, axis=1, keepdims=True)
-      tied &= key == key_r
-    chosen |= tied & (jnp.cumsum(tied, axis=1) <= need)
-    chosen &= ok
-    is_chosen, pos = jax.lax.top_k(chosen.astype(jnp.float32), k)  # keeps index order
-    cands.append(start + pos)
-    selected.append(is_chosen > 0)
-  return jnp.concatenate(cands, axis=1), jnp.concatenate(selected, axis=1)
+  counts = [count for _, count, _ in levels]
+  table = np.zeros((len(levels), max(counts)), np.int32)  # (L, M): anchor index, padded
+  for l, (start, count, _) in enumerate(levels):
+    table[l, :count] = start + np.arange(count)
+  real = np.arange(table.shape[1]) < np.array(counts)[:, None]
+  cx = (anchors[table, 0] + anchors[table, 2]) / 2.
+  cy = (anchors[table, 1] + anchors[table, 3]) / 2.
+  ok = real & valid[table]  # (L, M)
+  kx = _sq(cx - gt_cx[:, None, None])  # (G, L, M)
+  ky = _sq(cy - gt_cy[:, None, None])
+  dist = jnp.where(ok, jnp.sqrt(kx + ky), jnp.inf)
+  k = min(topk, table.shape[1])
+  d_k = -jax.lax.top_k(-dist, k)[0][..., -1:]
+  chosen = dist < d_k
+  tied = ok & (dist == d_k)
+  need = k - jnp.sum(chosen, axis=-1, keepdims=True)
+  for key in (ky, cy, kx, cx):
+    key = jnp.where(tied, key, jnp.inf)
+    key_r = jnp.take_along_axis(-jax.lax.top_k(-key, k)[0], jnp.maximum(need - 1, 0), axis=-1)
+    below = tied & (key < key_r)
+    chosen |= below
+    need -= jnp.sum(below, axis=-1, keepdims=True)
+    tied &= key == key_r
+  # Finally the lowest indices: top_k of a 0/1 mask lists its ones in index order.
+  first_tied = jax.lax.top_k(tied.astype(jnp.float32), k)[1]
+  last = jnp.take_along_axis(first_tied, jnp.maximum(need - 1, 0), axis=-1)
+  chosen = ok & (chosen | (tied & (np.arange(table.shape[1]) <= last)))
+  is_chosen, pos = jax.lax.top_k(chosen.astype(jnp.float32), k)  # (G, L, k), index order
+  cand = jnp.asarray(table)[np.arange(len(levels))[:, None], pos]
+  num_gts = cand.shape[0]
+  return cand.reshape(num_gts, -1).T, (is_chosen > 0).reshape(num_gts, -1).T
 
 
 def _iou_aligned(boxes1, boxes2):
-  """IoU of matching rows, mmdetection's ``bbox_overlaps`` op for op (float32, eps 1e-6)."""
+  """IoU of matching boxes ``(..., 4)``, mmdetection's ``bbox_overlaps`` op for op (float32,
+  eps 1e-6)."""
   area1 = _rounded((boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1]))
   area2 = _rounded((boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1]))
   lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
@@ -298,30 +327,30 @@ def _iou_aligned(boxes1, boxes2):
 
 
 def _assign_candidates(anchors, gt_boxes, gt_labels, gt_mask, valid, cand, selected):
-  """Steps 2-4 on the candidate pairs ``cand (G, C)`` (anchor indices) of which ``selected``."""
+  """Steps 2-4 on the candidate pairs ``cand (C, G)`` (anchor indices) of which ``selected``."""
   num_anchors, num_gts = anchors.shape[0], gt_boxes.shape[0]
-  boxes = anchors[cand]  # (G, C, 4)
-  gts = gt_boxes[:, None, :]
+  boxes = anchors[cand]  # (C, G, 4)
+  gts = gt_boxes[None]  # (1, G, 4)
   iou = _iou_aligned(boxes, gts)
 
-  count = jnp.sum(selected, axis=1, keepdims=True).astype(jnp.float32)
-  mean = jnp.sum(jnp.where(selected, iou, 0.), axis=1, keepdims=True) / count
+  count = jnp.sum(selected, axis=0).astype(jnp.float32)
+  mean = jnp.sum(jnp.where(selected, iou, 0.), axis=0) / count
   dev = jnp.where(selected, iou - mean, 0.)
-  std = jnp.sqrt(jnp.sum(dev * dev, axis=1, keepdims=True) / (count - 1.))  # unbiased
+  std = jnp.sqrt(jnp.sum(dev * dev, axis=0) / (count - 1.))  # unbiased
   threshold = mean + std  # NaN with a single candidate: nothing passes, as in torch
 
   cx = (boxes[..., 0] + boxes[..., 2]) / 2.
   cy = (boxes[..., 1] + boxes[..., 3]) / 2.
-  side = jnp.stack([cx - gts[..., 0], cy - gts[..., 1], gts[..., 2] - cx, gts[..., 3] - cy], -1)
-  inside = side.min(axis=-1) > CENTER_EPS
-  positive = selected & (iou >= threshold) & inside & gt_mask[:, None]
+  side = jnp.minimum(jnp.minimum(cx - gts[..., 0], cy - gts[..., 1]),
+                     jnp.minimum(gts[..., 2] - cx, gts[..., 3] - cy))
+  positive = selected & (iou >= threshold) & (side > CENTER_EPS) & gt_mask
 
   # An anchor positive for several gts: the highest IoU, then the lowest gt row.
-  score = jax.lax.optimization_barrier(jnp.where(positive, iou, -INF)).reshape(-1)
+  score = _materialize(jnp.where(positive, iou, -INF)).reshape(-1)
   flat = cand.reshape(-1)
   best = jnp.full((num_anchors,), -INF, jnp.float32).at[flat].max(score)
-  rows = jnp.broadcast_to(jnp.arange(num_gts, dtype=jnp.int32)[:, None], cand.shape)
-  winner = jnp.where(positive.reshape(-1) & (score == best[flat]), rows.reshape(-1), num_gts)
+  rows = jnp.broadcast_to(jnp.arange(num_gts, dtype=jnp.int32), cand.shape).reshape(-1)
+  winner = jnp.where(positive.reshape(-1) & (score == best[flat]), rows, num_gts)
   gt_index = jnp.full((num_anchors,), num_gts, jnp.int32).at[flat].min(winner)
 
   gt_index = jnp.where(gt_index < num_gts, gt_index, BACKGROUND)

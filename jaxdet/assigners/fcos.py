@@ -36,6 +36,7 @@ class FCOSTargets(NamedTuple):
                       an arbitrary gt there; they are never used).
   centerness_targets: (P,) float32. ``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))``
                       (mmdetection's ``centerness_target``) for positives; 0 for background.
+                      (On GPU within an ulp or two of torch's: XLA's division is not IEEE.)
   """
   gt_index: jax.Array
   labels: jax.Array

@@ -1,27 +1,32 @@
 """Hungarian matching (DETR): a jit- and vmap-able minimum-cost bipartite matching.
 
 ``hungarian_match`` solves the rectangular assignment problem over the *valid* columns with
-``optax.assignment.hungarian_algorithm``: every row or every valid column (whichever are
-fewer) is matched, each at most once, with the least total cost.
+``optax.assignment.hungarian_algorithm``: ``k = min(N, number of valid columns)`` pairs, each row
+and each column used at most once, with the least total cost.
 
-Padded columns. They are given one constant cost ``big`` (below) and the full N x M problem is
-solved; matches that land on a padded column are then dropped. This gives an optimum over the
-valid columns because ``big`` is larger than every valid cost (``big - c >= 1 + |c_max|``):
+Padded columns (DETR: padded ground truth). With a ``col_mask`` the solver gets, instead of the
+(N, M) cost, an (M, N + M) problem whose rows are the columns ("gts") and whose columns are the
+N rows ("queries") followed by M dummies, one per gt:
 
-* An optimal full matching never has a row on a padded column while a valid column is free:
-  moving that row to the free valid column ``c`` changes the total by ``c - big < 0``. Counting
-  rows then shows that it uses exactly ``k = min(N, number of valid columns)`` valid columns
-  (if N <= valid, a row on a padded column would leave a valid column free; if N > valid, a free
-  valid column would leave a row on a padded column or, when M <= N, is impossible since all
-  M columns are matched).
-* So its total is (valid part) + (a fixed number of padded matches) * ``big``, and any
-  k-matching of the valid columns extends to a full matching with the same padded count; hence
-  its valid part is a minimum-cost k-matching of the valid columns.
+* valid gt g:  cost[q, g] for query q;  ``big`` for its own dummy;  ``2 * big`` elsewhere;
+* padded gt g: ``2 * big`` for every query; 0 for its own dummy; ``2 * big`` elsewhere;
 
-Precision: ``big = max(2 * c_max, 0) + 1`` stays within a factor ~2 of the largest valid cost,
-so it costs the float32 solver no precision, while its margin over every valid cost is at
-least ``1 + |c_max|``, far above float32 rounding of sums of such costs. Costs must be finite
-(padded columns may hold anything, NaN included).
+with ``big = max(2 * c_max, 0) + 1`` larger than every valid cost ``c`` (by ``1 + |c_max|``).
+Why its optimum is optimal over the valid columns: in any matching, a gt that sits on a
+``2 * big`` entry can move to its own dummy (first moving away, in the same way, a gt sitting on
+that dummy, which pays ``2 * big`` there too), and each such move lowers the cost. So an optimum
+has every padded gt on its own dummy and every valid gt on a query or its own dummy. Then if
+fewer than k valid gts are on queries, some query is free while a valid gt pays ``big`` on its
+dummy: moving it changes the cost by ``c - big < 0``. So an optimum puts exactly k valid gts on
+queries, pays ``big`` for each of the others, a constant, and its queries part is a minimum-cost
+k-matching of the valid columns. Giving every padded gt its own cheap partner (rather than one
+constant cost for all of them, which is also optimal) keeps the solver from long searches among
+equal costs: with few real gts per image, as in DETR, it is several times faster. It is slower
+when there are more valid columns than rows.
+
+Precision: all entries stay within a factor ~4 of the largest valid cost, so the float32 solver
+loses nothing, and the margins (``big - c >= 1 + |c_max|``, ``big``) are far above float32
+rounding. Costs must be finite where ``col_mask`` is True (padded columns may hold anything).
 """
 import jax
 import jax.numpy as jnp
@@ -55,19 +60,27 @@ def hungarian_match(cost, col_mask=None):
     return jnp.full((num_rows,), -1, jnp.int32), jnp.full((num_cols,), -1, jnp.int32)
   cost = jnp.asarray(cost, jnp.float32)
   if col_mask is None:
-    col_mask = jnp.ones((num_cols,), bool)
-  col_mask = jnp.asarray(col_mask, bool)
+    rows, cols = hungarian_algorithm(cost)
+    col_to_row = jnp.full((num_cols,), -1, jnp.int32).at[cols].set(rows.astype(jnp.int32))
+  else:
+    col_to_row = _masked_col_to_row(cost, jnp.asarray(col_mask, bool))
+  row_to_col = jnp.full((num_rows,), -1, jnp.int32).at[
+      jnp.where(col_to_row >= 0, col_to_row, num_rows)].set(
+          jnp.arange(num_cols, dtype=jnp.int32), mode='drop')
+  return row_to_col, col_to_row
 
+
+def _masked_col_to_row(cost, col_mask):
+  """The (M, N + M) problem of the module docstring -> (M,) row of each valid column, or -1."""
+  num_rows, num_cols = cost.shape
   valid_max = jnp.max(jnp.where(col_mask[None, :], cost, -jnp.inf))  # -inf when none valid
   big = jnp.maximum(2 * valid_max, 0.) + 1.
-  rows, cols = hungarian_algorithm(jnp.where(col_mask[None, :], cost, big))
-
-  row_to_col = jnp.full((num_rows,), -1, jnp.int32).at[rows].set(cols.astype(jnp.int32))
-  row_to_col = jnp.where(col_mask[jnp.maximum(row_to_col, 0)], row_to_col, -1)
-  col_to_row = jnp.full((num_cols,), -1, jnp.int32).at[
-      jnp.where(row_to_col >= 0, row_to_col, num_cols)].set(
-          jnp.arange(num_rows, dtype=jnp.int32), mode='drop')
-  return row_to_col, col_to_row
+  to_queries = jnp.where(col_mask[:, None], cost.T, 2 * big)  # (M, N)
+  own_dummy = jnp.where(col_mask, big, 0.)
+  to_dummies = jnp.where(jnp.eye(num_cols, dtype=bool), own_dummy[:, None], 2 * big)  # (M, M)
+  gts, partners = hungarian_algorithm(jnp.concatenate([to_queries, to_dummies], axis=1))
+  col_to_row = jnp.full((num_cols,), -1, jnp.int32).at[gts].set(partners.astype(jnp.int32))
+  return jnp.where(col_mask & (col_to_row < num_rows), col_to_row, -1)
 
 
 def detr_match_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, *, class_weight=1.,

@@ -19,18 +19,26 @@ zero, so a sample at ``y <= -1`` or ``y >= H`` (same for x) is 0.  It is multipl
 input channel ``c`` belongs to deform group ``c // (Cin // deform_groups)``.
 
 Gradients match torchvision's kernels: the gradient w.r.t. a position is the one-sided
-(floor-based) derivative of the bilinear interpolation, so at an exactly integer position
-it is the forward difference ``v[y0 + 1] - v[y0]`` (at ``y == -1`` that is ``v[0]``;
-mmcv's CUDA kernel returns 0 there instead, an edge case of measure zero that only matters
-while offsets are still exactly zero).
+(floor-based) derivative of the bilinear interpolation, so at an exactly integer position it
+is the forward difference ``v[y0 + 1] - v[y0]``.  At exactly ``y == -1`` (or ``x == -1``)
+that is the interpolated row (column) 0, where mmcv's CUDA kernel returns 0 instead: with zero
+offsets and padding 1 the top row / left column of kernel points sits there, so the offset
+gradients of the border pixels differ from mmcv's while the offsets are still exactly zero.
+The op has a custom VJP: reverse mode (grad, vjp) only, no forward mode (jvp).
 
-Memory.  The op is a ``jax.custom_vjp`` that loops (``lax.scan``) over the ``kh * kw``
-kernel points.  Per point it gathers the 4 neighbours of every sample and sums them into a
-``(B, Ho, Wo, Cin)`` column block (1 / (kh*kw) of the im2col matrix), multiplies it with
-that point's ``(Cin, Cout)`` kernel slice and accumulates the output.  Only the inputs are
-saved for the backward pass; it recomputes the samples point by point, so neither the full
-im2col matrix nor the 4 bilinear corners are ever kept alive: the largest intermediates are
-a few ``(B, Ho, Wo, Cin)`` blocks plus the gradient buffers of the inputs.
+Memory.  Both passes loop (``lax.scan``) over the ``kh * kw`` kernel points; the full im2col
+matrix ``(B, Ho, Wo, kh*kw*Cin)`` is never built.  Forward, per point: the 4 bilinear
+neighbours of every sample are gathered and summed into one ``(B, Ho, Wo, Cin)`` column block
+(1 / (kh*kw) of im2col), which is multiplied with that point's ``(Cin, Cout)`` kernel slice
+and accumulated into the output.  Only the inputs are saved for the backward pass, which
+recomputes the samples: a first scan rebuilds each column block for the kernel gradient; a
+second computes each point's column gradient ``(B, Ho, Wo, Cin)`` and then, corner by corner
+(inner scans), gathers the corner's values to reduce against it (offset and mask gradients)
+and scatter-adds it, weighted, into the input gradient.  So besides the inputs, outputs and
+gradient accumulators at most about two ``(B, Ho, Wo, Cin)`` blocks are alive; the 4 corners
+are never kept.  At NAS-FCOS head sizes (B 2, 100x152, 256 -> 256, 3x3; one block is 30 MiB)
+XLA's CPU compiler reports 68 MiB of scratch for the forward and 75 MiB for forward + backward
+(experiments/bench_deform_conv.py), against 267 MiB for the im2col matrix.
 """
 import functools
 from typing import NamedTuple
