@@ -18,7 +18,9 @@ from jaxdet.data.sources import build_source, check_num_classes
 from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
 from jaxdet.models.detectors import build_detector, compute_dtype
-from jaxdet.train import AXIS, evaluate, predict_step, replicate
+from jaxdet.engine.steps import AXIS, predict_step
+from jaxdet.engine.train_state import replicate
+from jaxdet.train import evaluate
 
 
 def checkpoint_dir(path):

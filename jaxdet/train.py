@@ -2,8 +2,8 @@
 
   python -m jaxdet.train --config configs/atss.py:smoke [--workdir DIR] [--config.KEY=VALUE ...]
 
-Reads top to bottom: `create_train_state`, `train_step`, `val_step`, `predict_step`, `evaluate`,
-then `train_and_evaluate`, the loop. `jax.pmap` spreads each batch over the local devices (axis
+Reads top to bottom: `create_train_state`, `evaluate`, then `train_and_evaluate`, the loop; the
+jitted steps are in `jaxdet.engine.steps`. `jax.pmap` spreads each batch over the local devices (axis
 name 'batch'); the model and its loss only see that name, for their cross-device means.
 Running the same command again with the same work_dir resumes from its last checkpoint.
 Multi-host: `--config.distributed=True` calls `jax.distributed.initialize()` first (it reads the
@@ -18,119 +18,21 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxdet import evaluation
 from jaxdet.data import loader as data_loader
 from jaxdet.data.sources import build_source, check_num_classes
-from jaxdet.data.transforms import normalize_images
 from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
 from jaxdet.engine import logging as jd_logging
-from jaxdet.engine.optimizer import build_optimizer, lr_scaling_line, scaled_lr
+from jaxdet.engine.optimizer import lr_scaling_line, scaled_lr
 from jaxdet.engine.schedules import build_schedule
-from jaxdet.models.backbones import frozen_param_mask
+from jaxdet.engine.steps import AXIS, predict_step, train_step, val_step
+from jaxdet.engine.train_state import create_train_state, replicate, unreplicate
 from jaxdet.models.detectors import build_detector, compute_dtype
 
 log = logging.getLogger('jaxdet.train')
-AXIS = 'batch'
-
-
-# ----------------------------------------------------------------------------- state
-
-def init_variables(detector, image_shape, seed):
-  """Model variables ({'params', 'batch_stats'}) for images of `image_shape` (B, H, W, 3)."""
-  init = jax.jit(lambda key: detector.module.init(key, jnp.zeros(image_shape, jnp.float32)))
-  return jax.device_get(init(jax.random.key(seed)))
-
-
-def frozen_mask(params, model_cfg):
-  """True for parameters that never train (the backbone's frozen stages)."""
-  mask = jax.tree_util.tree_map(lambda _: False, params)
-  mask['backbone'] = frozen_param_mask(params['backbone'], model_cfg.backbone.frozen_stages)
-  return mask
-
-
-def create_train_state(detector, config, image_shape, schedule):
-  """The host-side training state (params, batch_stats, opt_state, step) and the optimizer."""
-  if config.model.backbone.get('pretrained', ''):
-    raise ValueError('model.backbone.pretrained: loading ImageNet weights is not implemented yet '
-                     '(jaxdet issue 7); set --config.model.backbone.pretrained= to train from '
-                     'scratch')
-  variables = init_variables(detector, image_shape, config.seed)
-  params = variables['params']
-  tx = build_optimizer(config.optimizer, schedule, params, frozen_mask(params, config.model))
-  state = dict(step=np.zeros((), np.int32), params=params,
-               batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
-  return state, tx
-
-
-def device_sharding():
-  """Sharding of arrays with a leading device axis over the local devices (pmap's layout)."""
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-
-
-def replicate(tree):
-  """Put one copy of `tree` on every local device (leading axis = device), as pmap expects."""
-  sharding, n = device_sharding(), jax.local_device_count()
-  return jax.tree_util.tree_map(
-      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding),
-      tree)
-
-
-def unreplicate(tree):
-  """The first device's copy, on the host."""
-  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
-
-
-# ----------------------------------------------------------------------------- steps
-
-def _images(batch, pipeline, dtype):
-  return normalize_images(batch['image'], batch['img_shape'], mean=tuple(pipeline.mean),
-                          std=tuple(pipeline.std), to_bgr=pipeline.to_bgr, dtype=dtype)
-
-
-def _total(losses):
-  return sum(v for k, v in losses.items() if k.startswith('loss_'))
-
-
-def train_step(state, batch, *, detector, tx, pipeline, dtype, axis_name=AXIS):
-  """One optimisation step on one device's share of the batch (run under pmap)."""
-
-  def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state['batch_stats']}
-    outputs, mutated = detector.module.apply(variables, _images(batch, pipeline, dtype),
-                                             train=True, mutable=['batch_stats'])
-    losses = detector.loss(outputs, batch, axis_name=axis_name)
-    return _total(losses), (losses, mutated)
-
-  (loss, (losses, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-  grads = jax.lax.pmean(grads, axis_name)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  new_state = dict(step=state['step'] + 1, params=optax.apply_updates(state['params'], updates),
-                   batch_stats=jax.lax.pmean(mutated.get('batch_stats', {}), axis_name),
-                   opt_state=opt_state)
-  metrics = dict(losses, loss=loss, grad_norm=optax.tree.norm(grads))
-  return new_state, jax.lax.pmean(metrics, axis_name)
-
-
-def val_step(state, batch, *, detector, pipeline, dtype, axis_name=AXIS):
-  """Losses without an update (mmdetection's 'val' workflow phase), BN in eval mode."""
-  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), train=False)
-  batch = dict(batch, pad_shape=jnp.where(batch['image_valid'][:, None], batch['pad_shape'], 0))
-  losses = detector.loss(outputs, batch, axis_name=axis_name)
-  return jax.lax.pmean(dict(losses, loss=_total(losses)), axis_name)
-
-
-def predict_step(state, batch, *, detector, pipeline, dtype):
-  """Detections of one device's images, boxes in original pixels (fixed size + valid mask)."""
-  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), train=False)
-  return detector.predict(outputs, batch)
 
 
 # ----------------------------------------------------------------------------- evaluation

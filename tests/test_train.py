@@ -121,13 +121,13 @@ EIGHT_DEVICES = textwrap.dedent('''
     from jaxdet.engine import config_cli
     from jaxdet.engine.schedules import build_schedule
     from jaxdet.models.detectors import build_detector
-    from jaxdet import train as T
+    from jaxdet.engine import steps as T, train_state as TS
     assert jax.local_device_count() == 8
     config = config_cli.load_config(sys.argv[2] + ':smoke', [
         '--config.model.backbone.norm_eval=True'])   # BN batch statistics are per device
     det = build_detector(config.model)
     sched = build_schedule(0.02, config.schedule, steps_per_epoch=10)
-    state, tx = T.create_train_state(det, config, (1, 64, 64, 3), sched)
+    state, tx = TS.create_train_state(det, config, (1, 64, 64, 3), sched)
     rng = np.random.default_rng(0)
     G = 4
     xy = rng.uniform(0, 40, (8, G, 2)); wh = rng.uniform(6, 24, (8, G, 2))

@@ -124,6 +124,7 @@ def test_bucket_shapes():
   assert T.bucket_shapes(dict(kind="ssd", size_divisor=1), (300, 300)) == [(300, 300)]
   assert T.bucket_shapes(dict(kind="detr", size_divisor=1), (1333, 800)) == [(800, 1333),
                                                                             (1333, 800)]
+  assert T.bucket_shapes(p, (1333, 800), buckets=[(512, 512)]) == [(512, 512)]
   assert T.choose_bucket(480, 640, [(800, 1344), (1344, 800)]) == 0
   assert T.choose_bucket(640, 480, [(800, 1344), (1344, 800)]) == 1
   assert T.choose_bucket(500, 500, [(800, 1344), (1344, 800)]) == 0

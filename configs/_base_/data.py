@@ -29,6 +29,8 @@ def get_config():
   data.max_gt = 100                    # gt rows per image; extra targets are dropped and counted
   data.skip_bad_images = False
   data.img_scale = (1333, 800)         # (w, h): long side <= 1333, short side <= 800
+  data.buckets = ()                    # padded (H, W) batch shapes; () = landscape + portrait
+                                       # fitting img_scale, e.g. (800, 1344) and (1344, 800)
 
   data.pipeline = dict(
       kind='standard',                 # 'standard' | 'ssd' | 'detr'
@@ -36,8 +38,9 @@ def get_config():
       multiscale=(),                   # RandomChoiceResize scales ('value' mode), () = img_scale
       flip_ratio=0.5,
       size_divisor=32,                 # pad to a multiple of this (1 for SSD / DETR)
-      buckets=(),                      # padded (H, W) shapes; () = landscape + portrait of img_scale
       min_box_size=1.0,                # training drops targets narrower/lower than this (px)
+                                       # after the transforms (mmdet has no such filter: 0.)
+      resize_backend='pillow',         # 'cv2': mmdetection's exact pixels (needs OpenCV)
       # Normalisation, applied on the device (transforms.normalize_images):
       mean=(123.675, 116.28, 103.53),
       std=(58.395, 57.12, 57.375),

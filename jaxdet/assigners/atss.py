@@ -185,7 +185,8 @@ def _nearest_lines(centres, line_ok, g, topk):
   key = _take(key, lo[..., None, :] + np.arange(k)[:, None])  # the k first, by centre
   order = _position_of_rank(_rank(key), k)  # by key, the lower line on equal keys
   ranked = start + lo[..., None, :] + order
-  return ranked, _take(key, order), _take(centres, ranked), _take(line_ok, ranked)
+  return (_materialize(ranked), _materialize(_take(key, order)),
+          _materialize(_take(centres, ranked)), _take(line_ok, ranked))
 
 
 def _grid_tables(levels):
@@ -350,7 +351,7 @@ def _assign_candidates(anchors, gt_boxes, gt_labels, gt_mask, valid, cand, selec
   flat = cand.reshape(-1)
   best = jnp.full((num_anchors,), -INF, jnp.float32).at[flat].max(score)
   rows = jnp.broadcast_to(jnp.arange(num_gts, dtype=jnp.int32), cand.shape).reshape(-1)
-  winner = jnp.where(positive.reshape(-1) & (score == best[flat]), rows, num_gts)
+  winner = jnp.where((score > -INF) & (score == best[flat]), num_gts - 1 - rows, num_gts)
   gt_index = jnp.full((num_anchors,), num_gts, jnp.int32).at[flat].min(winner)
 
   gt_index = jnp.where(gt_index < num_gts, gt_index, BACKGROUND)

@@ -12,7 +12,8 @@ batch is a dict of numpy arrays with a leading device axis::
   pad_shape    (D, B, 2) int32 img_shape rounded up to size_divisor (mmdet's pad_shape)
   scale_factor (D, B, 2) float32 (w, h);  offset (D, B, 2) float32;  flip (D, B) bool
   orig_size    (D, B, 2) int32 (h, w);    image_id (D, B) int32
-  image_valid  (D, B) bool (False only for the padding of the last evaluation batch)
+  image_valid  (D, B) bool: False for the padding of the last evaluation batch and for images
+               the source could not read (``data.skip_bad_images``); such slots are all zero
   num_gt_dropped (D, B) int32: targets beyond max_gt that did not fit (counted, reported)
 
 Training order: epoch ``e`` is a permutation drawn from ``(seed, e)`` alone; within it the
@@ -71,6 +72,9 @@ def index_info(source):
   hs, ws, nt = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
   for i in range(n):
     rec = source[i]
+    if rec is None:  # unreadable (data.skip_bad_images): no targets, so never trained on
+      hs[i], ws[i] = 1, 1
+      continue
     hs[i], ws[i] = rec.get("orig_size", np.shape(rec["image"])[:2])
     b = np.asarray(rec["boxes"], np.float32).reshape(-1, 4)
     crowd = np.asarray(rec.get("crowd", np.zeros(len(b), bool)), bool).reshape(len(b))
@@ -123,7 +127,10 @@ class _BatchMaker:
     for k, (idx, slot) in enumerate(zip(indices, slots)):
       if idx < 0:
         continue
-      sample = T.make_sample(self.source[int(idx)])
+      record = self.source[int(idx)]
+      if record is None:  # unreadable image with data.skip_bad_images: an invalid slot
+        continue
+      sample = T.make_sample(record)
       before = sample
       sample = self.transform(sample, _rng(self.seed, batch_index, slot))
       if sample is None:  # a crop without boxes and allow_negative_crop=False
@@ -147,7 +154,7 @@ class _BatchMaker:
       meta = T.sample_meta(sample)
       out["img_shape"][k] = meta["img_shape"]
       d = self.size_divisor
-      out["pad_shape"][k] = [-(-h // d) * d, -(-w // d) * d]
+      out["pad_shape"][k] = [min(-(-h // d) * d, hb), min(-(-w // d) * d, wb)]
       out["scale_factor"][k] = meta["scale_factor"]
       out["offset"][k] = meta["offset"]
       out["flip"][k] = meta["flip"]
@@ -364,13 +371,13 @@ class TrainIterator:
 
   ``get_state()`` -> ``{'version', 'next_batch', 'seed', 'global_batch',
   'batches_per_epoch'}``; ``set_state`` continues with exactly the batch that would have come
-  next. ``stats`` counts targets dropped by ``max_gt``.
+  next. ``stats`` counts targets dropped by ``max_gt`` and unreadable images skipped.
   """
 
   def __init__(self, loader):
     self.loader = loader
     self.next_batch = 0
-    self.stats = dict(gt_dropped=0, images_with_gt_dropped=0)
+    self.stats = dict(gt_dropped=0, images_with_gt_dropped=0, images_skipped=0)
     self._it = None
 
   @property
@@ -392,6 +399,7 @@ class TrainIterator:
       self._start()
     batch = next(self._it)
     self.next_batch += 1
+    self.stats["images_skipped"] += int((~batch["image_valid"]).sum())
     dropped = batch["num_gt_dropped"]
     if dropped.any():
       if not self.stats["gt_dropped"]:
@@ -507,7 +515,8 @@ def build_train_loader(data, source, *, seed=0, num_devices=None, num_epochs=Non
   process_index, process_count = _process(process_index, process_count)
   return TrainLoader(
       source, T.build_train_transform(p, tuple(data.img_scale)),
-      buckets=T.bucket_shapes(p, tuple(data.img_scale), train=True),
+      buckets=T.bucket_shapes(p, tuple(data.img_scale), train=True,
+                              buckets=data.get("buckets", ())),
       samples_per_gpu=data.samples_per_gpu, num_devices=_devices(num_devices),
       max_gt=data.max_gt, seed=seed, num_workers=data.workers_per_gpu,
       prefetch=data.get("prefetch", 2), size_divisor=p.get("size_divisor", 32),
@@ -523,7 +532,8 @@ def build_eval_loader(data, source, *, num_devices=None, process_index=None,
   process_index, process_count = _process(process_index, process_count)
   return EvalLoader(
       source, T.build_test_transform(p, tuple(data.img_scale)),
-      buckets=T.bucket_shapes(p, tuple(data.img_scale), train=False),
+      buckets=T.bucket_shapes(p, tuple(data.img_scale), train=False,
+                              buckets=data.get("buckets", ())),
       samples_per_gpu=data.val.get("samples_per_gpu", data.samples_per_gpu),
       num_devices=_devices(num_devices), max_gt=data.max_gt,
       num_workers=data.workers_per_gpu, prefetch=data.get("prefetch", 2),
@@ -535,4 +545,5 @@ def count_programs(data, *, num_devices, train=True):
   """Upper bound on the distinct batch shapes (= jit programs) from the config alone:
   one per bucket. `TrainLoader.shapes` gives the exact list for a given dataset."""
   _check_positive(num_devices=num_devices)
-  return len(T.bucket_shapes(data.pipeline, tuple(data.img_scale), train=train))
+  return len(T.bucket_shapes(data.pipeline, tuple(data.img_scale), train=train,
+                             buckets=data.get("buckets", ())))

@@ -16,9 +16,10 @@ Each transform is a small class called as ``t(sample, rng) -> sample`` where ``r
 distributions mmdetection / mmcv draw them from the global ``np.random`` state, so seeding both
 with the same value gives the same decisions (the mmdet comparison tests rely on this).
 
-Image resizing uses Pillow's bilinear filter (mmdet uses OpenCV's): sizes, scale factors and
-boxes are identical; pixel values agree to rounding when enlarging, while Pillow antialiases
-when shrinking.
+Image resizing uses Pillow's bilinear filter by default (mmdet uses OpenCV's): sizes, scale
+factors and boxes are identical; pixel values agree within 1 grey level when enlarging, while
+Pillow antialiases when shrinking (SSD's 300 x 300). ``resize_backend='cv2'`` reproduces
+mmdetection's pixels exactly where OpenCV is installed.
 
 Normalisation is meant to run on the device (`normalize_images`): batches stay uint8 (4x less
 host->device traffic) and the padded pixels are 0 after normalisation, as in mmdetection,
@@ -157,11 +158,24 @@ def rescale_size(old_size, scale):
   return (int(w * factor + 0.5), int(h * factor + 0.5)), factor
 
 
-def resize_image(image, size):
-  """Bilinear resize of ``image (h, w, C)`` to ``size = (new_w, new_h)`` (uint8 or float32)."""
+def resize_image(image, size, backend="pillow"):
+  """Bilinear resize of ``image (h, w, C)`` (uint8 or float32) to ``size = (new_w, new_h)``.
+
+  ``backend='pillow'`` (default, a jaxdet dependency) antialiases when shrinking;
+  ``'cv2'`` (OpenCV, if installed) is mmdetection's resize, pixel for pixel.
+  """
   new_w, new_h = int(size[0]), int(size[1])
   if image.shape[1] == new_w and image.shape[0] == new_h:
     return image
+  if backend == "cv2":
+    try:
+      import cv2  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ValueError("data.pipeline.resize_backend='cv2' needs OpenCV (pip install "
+                       "opencv-python-headless)") from e
+    return cv2.resize(np.ascontiguousarray(image), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+  if backend != "pillow":
+    raise ValueError(f"resize backend must be 'pillow' or 'cv2', got {backend!r}")
   if image.dtype == np.uint8:
     return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
         (new_w, new_h), Image.Resampling.BILINEAR))
@@ -171,16 +185,16 @@ def resize_image(image, size):
   return np.stack(chans, axis=-1)
 
 
-def _resize_to(sample, new_w, new_h, clip=True):
-  """Resize image and boxes to (new_w, new_h); scale factor = new / old per axis (mmcv)."""
+def _resize_to(sample, new_w, new_h, backend="pillow"):
+  """Resize image and boxes to (new_w, new_h); scale factor = new / old per axis (mmcv);
+  boxes are clipped to the new image (mmdet's clip_object_border)."""
   h, w = sample["image"].shape[:2]
   w_scale, h_scale = new_w / w, new_h / h
   out = dict(sample)
-  out["image"] = resize_image(sample["image"], (new_w, new_h))
+  out["image"] = resize_image(sample["image"], (new_w, new_h), backend)
   boxes = sample["boxes"] * np.array([w_scale, h_scale, w_scale, h_scale], np.float32)
-  if clip:
-    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, new_w)
-    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, new_h)
+  boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, new_w)
+  boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, new_h)
   out["boxes"] = boxes
   out["affine"] = _scale_affine(sample["affine"], w_scale, h_scale)
   return out
@@ -191,12 +205,15 @@ class Resize:
 
   ``keep_ratio=True``: the largest size with long side <= max(scale), short <= min(scale)
   (mmcv ``imrescale``). ``keep_ratio=False``: exactly ``scale`` = (w, h) (SSD's 300 x 300).
+  ``backend``: see `resize_image`.
   """
 
-  def __init__(self, scale, keep_ratio=True):
+  def __init__(self, scale, keep_ratio=True, backend="pillow"):
     if len(scale) != 2 or min(scale) <= 0:
       raise ValueError(f"scale must be a (w, h) pair of positive sizes, got {scale}")
-    self.scale, self.keep_ratio = tuple(scale), keep_ratio
+    if backend not in ("pillow", "cv2"):
+      raise ValueError(f"resize backend must be 'pillow' or 'cv2', got {backend!r}")
+    self.scale, self.keep_ratio, self.backend = tuple(scale), keep_ratio, backend
 
   def output_size(self, h, w):
     """(new_h, new_w) this transform gives an (h, w) image."""
@@ -207,16 +224,16 @@ class Resize:
 
   def __call__(self, sample, rng=None):
     nh, nw = self.output_size(*sample["image"].shape[:2])
-    return _resize_to(sample, nw, nh)
+    return _resize_to(sample, nw, nh, self.backend)
 
 
 class RandomChoiceResize:
   """mmcv ``RandomChoiceResize``: one of ``scales`` uniformly ('value' mode), then `Resize`."""
 
-  def __init__(self, scales, keep_ratio=True):
+  def __init__(self, scales, keep_ratio=True, backend="pillow"):
     if not scales:
       raise ValueError("RandomChoiceResize needs at least one scale")
-    self.resizes = [Resize(s, keep_ratio) for s in scales]
+    self.resizes = [Resize(s, keep_ratio, backend) for s in scales]
 
   def __call__(self, sample, rng):
     return self.resizes[rng.randint(len(self.resizes))](sample)
@@ -497,7 +514,7 @@ class RandomChoice:
     return self.branches[rng.choice(len(self.branches))](sample, rng)
 
 
-def fit_into(sample, shape):
+def fit_into(sample, shape, backend="pillow"):
   """Shrink (keep ratio) an image that does not fit ``shape = (H, W)``; else unchanged.
 
   A safety net for buckets: standard pipelines always fit theirs; DETR's crop branch can turn
@@ -507,7 +524,7 @@ def fit_into(sample, shape):
   if h <= shape[0] and w <= shape[1]:
     return sample
   (nw, nh), _ = rescale_size((w, h), min(shape[0] / h, shape[1] / w))
-  return _resize_to(sample, min(nw, shape[1]), min(nh, shape[0]))
+  return _resize_to(sample, min(nw, shape[1]), min(nh, shape[0]), backend)
 
 
 def pad_to_multiple(image, divisor):
@@ -570,9 +587,11 @@ def build_train_transform(pipeline, img_scale):
   kind = pipeline.get("kind", "standard")
   flip = RandomFlip(pipeline.get("flip_ratio", 0.5))
   keep_ratio = pipeline.get("keep_ratio", True)
+  be = pipeline.get("resize_backend", "pillow")
   if kind == "standard":
     scales = [tuple(s) for s in (pipeline.get("multiscale") or ())]
-    resize = RandomChoiceResize(scales, keep_ratio) if scales else Resize(img_scale, keep_ratio)
+    resize = (RandomChoiceResize(scales, keep_ratio, be) if scales
+              else Resize(img_scale, keep_ratio, be))
     return Compose([resize, flip])
   if kind == "ssd":
     return Compose([
@@ -580,16 +599,16 @@ def build_train_transform(pipeline, img_scale):
                pipeline.get("expand_ratio", (1, 4))),
         MinIoURandomCrop(pipeline.get("min_ious", (0.1, 0.3, 0.5, 0.7, 0.9)),
                          pipeline.get("min_crop_size", 0.3)),
-        Resize(img_scale, keep_ratio=False),
+        Resize(img_scale, keep_ratio=False, backend=be),
         flip,
         PhotoMetricDistortion(out_uint8=pipeline.get("photometric_uint8", True)),
     ])
   if kind == "detr":
     max_size = pipeline.get("detr_max_size", 1333)
     multi = RandomChoiceResize(_detr_scales(
-        pipeline.get("detr_short_sides", range(480, 801, 32)), max_size))
+        pipeline.get("detr_short_sides", range(480, 801, 32)), max_size), backend=be)
     crop_resize = RandomChoiceResize(_detr_scales(
-        pipeline.get("detr_crop_short_sides", (400, 500, 600)), max_size))
+        pipeline.get("detr_crop_short_sides", (400, 500, 600)), max_size), backend=be)
     return Compose([flip, RandomChoice([
         [multi],
         [crop_resize, RandomCrop(pipeline.get("detr_crop_size", (384, 600))), multi]])])
@@ -602,19 +621,19 @@ def build_test_transform(pipeline, img_scale):
   if kind not in ("standard", "ssd", "detr"):
     raise ValueError(f"data.pipeline.kind must be 'standard', 'ssd' or 'detr', got {kind!r}")
   keep_ratio = kind != "ssd" and pipeline.get("keep_ratio", True)
-  return Compose([Resize(img_scale, keep_ratio)])
+  return Compose([Resize(img_scale, keep_ratio, pipeline.get("resize_backend", "pillow"))])
 
 
-def bucket_shapes(pipeline, img_scale, *, train=True):
+def bucket_shapes(pipeline, img_scale, *, train=True, buckets=()):
   """The padded (H, W) shapes a run's batches use: landscape first, then portrait.
 
   Every resized image fits its bucket: keep-ratio resizes to (long, short) give
   (ceil(short), ceil(long)) and its transpose, rounded up to ``size_divisor``; fixed-size
-  resizes (SSD) give one bucket. ``pipeline.buckets`` (a list of (H, W)) overrides this.
+  resizes (SSD) give one bucket. A non-empty ``buckets`` (``data.buckets``, a list of (H, W))
+  is used as given.
   """
-  explicit = pipeline.get("buckets") or ()
-  if explicit:
-    return [tuple(int(v) for v in b) for b in explicit]
+  if buckets:
+    return [tuple(int(v) for v in b) for b in buckets]
   kind = pipeline.get("kind", "standard")
   d = int(pipeline.get("size_divisor", 32))
   if kind == "ssd" or not pipeline.get("keep_ratio", True):

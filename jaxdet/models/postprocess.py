@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxdet.data.transforms import boxes_to_original
+from jaxdet.ops.boxes import boxes_to_original
 from jaxdet.ops.nms import batched_nms, filter_scores_and_topk
 
 

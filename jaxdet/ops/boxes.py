@@ -10,6 +10,7 @@ order, same ``eps`` guard on the union) so that IoU values, and therefore assign
 depend on ties, agree bit for bit with mmdetection on the same float32 inputs.
 """
 import jax.numpy as jnp
+import numpy as np
 
 EPS = 1e-6  # mmdetection's default eps for bbox_overlaps
 
@@ -114,3 +115,37 @@ def box_cxcywh_to_xyxy(boxes):
   """``(cx, cy, w, h) -> (x1, y1, x2, y2)``, shape ``(..., 4)``."""
   cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
   return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+
+def boxes_to_original(boxes, meta, *, clip=False):
+  """Map boxes from network-input pixels back to the original image (inverse of flip + scale).
+
+  Args:
+    boxes: (..., N, 4) xyxy in input pixels (numpy or jax array).
+    meta: mapping with ``scale_factor (..., 2)``, ``offset (..., 2)`` (optional, default 0),
+      ``flip (...,)`` bool and ``img_shape (..., 2)`` (h, w), as in `sample_meta` or a batch;
+      leading dims broadcast against the boxes' (so it vmaps over images).
+    clip: also clip to ``orig_size (..., 2)`` from ``meta``.
+  Returns:
+    (..., N, 4) xyxy in original-image pixels; jnp if any input is a jax array, else numpy.
+  """
+  xp = np
+  if any(type(v).__module__.startswith("jax") for v in (boxes, *meta.values())):
+    xp = jnp
+  boxes = xp.asarray(boxes, xp.float32)
+  sf = xp.asarray(meta["scale_factor"], xp.float32)[..., None, :]
+  off = xp.asarray(meta.get("offset", xp.zeros_like(sf[..., 0, :])), xp.float32)[..., None, :]
+  flip = xp.asarray(meta["flip"], bool)[..., None]
+  img_w = xp.asarray(meta["img_shape"], xp.float32)[..., None, 1]
+  x1 = xp.where(flip, img_w - boxes[..., 2], boxes[..., 0])
+  x2 = xp.where(flip, img_w - boxes[..., 0], boxes[..., 2])
+  x1 = (x1 - off[..., 0]) / sf[..., 0]
+  x2 = (x2 - off[..., 0]) / sf[..., 0]
+  y1 = (boxes[..., 1] - off[..., 1]) / sf[..., 1]
+  y2 = (boxes[..., 3] - off[..., 1]) / sf[..., 1]
+  out = xp.stack([x1, y1, x2, y2], axis=-1)
+  if clip:
+    hw = xp.asarray(meta["orig_size"], xp.float32)[..., None, :]
+    hi = xp.stack([hw[..., 1], hw[..., 0], hw[..., 1], hw[..., 0]], axis=-1)
+    out = xp.clip(out, 0, hi)
+  return out

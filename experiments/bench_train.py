@@ -1,0 +1,159 @@
+"""Training-step throughput of ATSS R50-FPN (the whole step: normalisation, network, ATSS assigner,
+losses, gradients, SGD update), next to torchvision's RetinaNet / FCOS R50-FPN in the same process.
+
+  python experiments/bench_train.py --size 512 512 --batch 2                 # CPU (issue 5)
+  python experiments/bench_train.py --size 800 1216 --batch 8 --dtype bfloat16 --torchvision
+
+Prints one line per measurement: img/s, ms/step, compile s, peak memory. Random init, random
+uint8 images, 10 random boxes per image (padded to 16). Needs only jax, flax, optax, numpy,
+ml_collections (and torch + torchvision for --torchvision): no data pipeline.
+"""
+import argparse
+import functools
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs._base_ import atss_r50_fpn, data, schedule_1x  # noqa: E402
+from jaxdet.engine import steps, train_state  # noqa: E402
+from jaxdet.models.detectors import build_detector, compute_dtype  # noqa: E402
+
+
+def peak_memory_gb():
+  dev = jax.local_devices()[0]
+  stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def random_batch(batch, height, width, num_boxes=10, max_gt=16, seed=0):
+  rng = np.random.default_rng(seed)
+  xy = rng.uniform(0, [width * 0.8, height * 0.8], (batch, max_gt, 2))
+  wh = rng.uniform(16, [width * 0.4, height * 0.4], (batch, max_gt, 2))
+  boxes = np.concatenate([xy, np.minimum(xy + wh, [width, height])], -1).astype(np.float32)
+  b = dict(image=rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8),
+           gt_boxes=boxes, gt_labels=rng.integers(0, 80, (batch, max_gt)).astype(np.int32),
+           gt_mask=np.arange(max_gt)[None].repeat(batch, 0) < num_boxes,
+           img_shape=np.tile([height, width], (batch, 1)).astype(np.int32),
+           pad_shape=np.tile([height, width], (batch, 1)).astype(np.int32))
+  return {k: v[None] for k, v in b.items()}  # leading device axis of 1
+
+
+def bench_jaxdet(args):
+  model = atss_r50_fpn.get_config()
+  model.backbone.frozen_stages = 1
+  pipeline = data.get_config().pipeline
+  det = build_detector(model, args.dtype)
+  sched = lambda step: 0.01
+  h, w = args.size
+  t = time.time()
+  state, tx = train_state.create_train_state(det, _Cfg(model), (1, h, w, 3), sched)
+  init_s = time.time() - t
+  state = train_state.replicate(state)
+  step = jax.pmap(functools.partial(steps.train_step, detector=det, tx=tx, pipeline=pipeline,
+                                    dtype=compute_dtype(args.dtype)),
+                  axis_name=steps.AXIS, devices=jax.local_devices()[:1], donate_argnums=(0,))
+  batch = random_batch(args.batch, h, w)
+  t = time.time()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.time() - t
+  for _ in range(args.warmup):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  t = time.time()
+  for _ in range(args.steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  sec = (time.time() - t) / args.steps
+  loss = float(metrics['loss'][0])
+  print(f'jaxdet ATSS R50-FPN train {h}x{w} b{args.batch} {args.dtype} on {jax.devices()[0].platform}: '
+        f'{args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, compile {compile_s:.1f} s '
+        f'(init {init_s:.1f} s), peak mem {peak_memory_gb():.2f} GB, loss {loss:.3f}', flush=True)
+
+
+class _Cfg:
+  """The few config fields `create_train_state` reads."""
+
+  def __init__(self, model):
+    self.model, self.seed, self.optimizer = model, 0, schedule_1x.sgd()
+
+
+def bench_torchvision(args, name):
+  import torch
+  import torchvision
+  from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
+  from torchvision.ops import misc
+  dev = torch.device(args.device)
+  torch.backends.cudnn.benchmark = True
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+  h, w = args.size
+  make = retinanet_resnet50_fpn if name == 'RetinaNet' else fcos_resnet50_fpn
+  backbone = torchvision.models.resnet50(norm_layer=misc.FrozenBatchNorm2d)
+  model = make(weights=None, weights_backbone=None, num_classes=80, min_size=min(h, w),
+               max_size=max(h, w), trainable_backbone_layers=3)
+  model.backbone.body.load_state_dict(
+      {k: v for k, v in backbone.state_dict().items() if not k.startswith('fc.')}, strict=False)
+  model.to(dev).train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+  b = random_batch(args.batch, h, w)
+  images = [torch.rand(3, h, w, device=dev) for _ in range(args.batch)]
+  targets = [dict(boxes=torch.tensor(b['gt_boxes'][0, i, :10], device=dev),
+                  labels=torch.tensor(b['gt_labels'][0, i, :10], device=dev).long())
+             for i in range(args.batch)]
+  amp = args.dtype == 'bfloat16'
+
+  def one():
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+      loss = sum(model(images, targets).values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+  sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+  for _ in range(args.warmup + 1):
+    one()
+  sync()
+  if dev.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
+  t = time.time()
+  for _ in range(args.steps):
+    one()
+  sync()
+  sec = (time.time() - t) / args.steps
+  mem = (torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda'
+         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  print(f'torchvision {name} R50-FPN train {h}x{w} b{args.batch} {args.dtype} on {dev.type}: '
+        f'{args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, peak mem {mem:.2f} GB',
+        flush=True)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--size', type=int, nargs=2, default=(512, 512), metavar=('H', 'W'))
+  p.add_argument('--batch', type=int, default=2)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--torchvision', nargs='*', default=None,
+                 help='also time torchvision models (RetinaNet, FCOS; default: RetinaNet)')
+  p.add_argument('--device', default='cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')
+  p.add_argument('--skip-jaxdet', action='store_true')
+  args = p.parse_args()
+  if not args.skip_jaxdet:
+    bench_jaxdet(args)
+  if args.torchvision is not None:
+    for name in args.torchvision or ['RetinaNet']:
+      bench_torchvision(args, name)
+
+
+if __name__ == '__main__':
+  main()

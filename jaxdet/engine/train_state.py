@@ -1,0 +1,58 @@
+"""The training state of a detector: init, the optimizer over it, and its device placement.
+
+The state is a plain dict `{step, params, batch_stats, opt_state}` (host numpy while saved,
+one copy per device while training under pmap).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdet.engine.optimizer import build_optimizer
+from jaxdet.engine.steps import AXIS
+from jaxdet.models.backbones import frozen_param_mask
+
+
+def init_variables(detector, image_shape, seed):
+  """Model variables ({'params', 'batch_stats'}) for images of `image_shape` (B, H, W, 3)."""
+  init = jax.jit(lambda key: detector.module.init(key, jnp.zeros(image_shape, jnp.float32)))
+  return jax.device_get(init(jax.random.key(seed)))
+
+
+def frozen_mask(params, model_cfg):
+  """True for parameters that never train (the backbone's frozen stages)."""
+  mask = jax.tree_util.tree_map(lambda _: False, params)
+  mask['backbone'] = frozen_param_mask(params['backbone'], model_cfg.backbone.frozen_stages)
+  return mask
+
+
+def create_train_state(detector, config, image_shape, schedule):
+  """The host-side training state (params, batch_stats, opt_state, step) and the optimizer."""
+  if config.model.backbone.get('pretrained', ''):
+    raise ValueError('model.backbone.pretrained: loading ImageNet weights is not implemented yet '
+                     '(jaxdet issue 7); set --config.model.backbone.pretrained= to train from '
+                     'scratch')
+  variables = init_variables(detector, image_shape, config.seed)
+  params = variables['params']
+  tx = build_optimizer(config.optimizer, schedule, params, frozen_mask(params, config.model))
+  state = dict(step=np.zeros((), np.int32), params=params,
+               batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  return state, tx
+
+
+def device_sharding():
+  """Sharding of arrays with a leading device axis over the local devices (pmap's layout)."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def replicate(tree):
+  """Put one copy of `tree` on every local device (leading axis = device), as pmap expects."""
+  sharding, n = device_sharding(), jax.local_device_count()
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding),
+      tree)
+
+
+def unreplicate(tree):
+  """The first device's copy, on the host."""
+  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
