@@ -2,6 +2,7 @@
 
   python experiments/bench_assigners.py            # jaxdet's assigners
   python experiments/bench_assigners.py --mmdet    # also mmdetection's ATSSAssigner (torch CPU)
+  python experiments/bench_assigners.py --dense    # also atss_assign's dense path (slow)
 
 Prints one line per measurement: compile time (s) and ms per image (median of --repeats
 timed calls of the whole batch, divided by the batch size).  Scenes: ``--num-gt`` random
@@ -13,11 +14,17 @@ with garbage rows; each image has its own padded area (valid flags) as in a buck
 - FCOS: 20,267 points, mmdetection's regress ranges.
 """
 import argparse
+import os
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+try:
+  import jaxdet  # noqa: F401
+except ImportError:  # run from a checkout without installing
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -135,9 +142,13 @@ def bench_fcos(args, gt, labels, mask, sizes):
   except ImportError as e:
     print(f'fcos_assign: skipped ({e})')
     return
-  points = np.concatenate([
-      np.stack(np.meshgrid((np.arange(w) + 0.5) * s, (np.arange(h) + 0.5) * s)[::1],
-               axis=-1).reshape(-1, 2) for (h, w), s in zip(sizes, STRIDES)]).astype(np.float32)
+  try:
+    from jaxdet.priors import point_grid
+    points = np.asarray(point_grid(sizes, strides=STRIDES))
+  except ImportError:  # mmdetection's MlvlPointGenerator, offset 0.5: rows, then columns
+    points = np.concatenate([
+        np.stack(np.meshgrid((np.arange(w) + 0.5) * s, (np.arange(h) + 0.5) * s), axis=-1)
+        .reshape(-1, 2) for (h, w), s in zip(sizes, STRIDES)]).astype(np.float32)
   counts = tuple(h * w for h, w in sizes)
   fn = jax.jit(jax.vmap(lambda p, g, l, m: fcos_assign(
       p, g, l, m, num_level_points=counts, strides=STRIDES), in_axes=(None, 0, 0, 0)))

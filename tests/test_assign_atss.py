@@ -252,8 +252,8 @@ def test_candidates_grid_path_equals_reference():
 
   Scenes with exact distance ties (centres on anchor centres and midpoints), gts far outside
   the grid (a 1 x 9 column strip is then nearest), valid regions of fewer than topk cells
-  (9 x 200 px: one valid row per level; 150 x 17: one valid column on P6 and P7).  (The
-  dense path is held to the reference by the whole-assignment tests.)
+  (9 x 200 px: two valid rows on P3, one on P4-P7; 150 x 17: three valid columns on P3, one
+  on P5-P7).  (The dense path is held to the reference by the whole-assignment tests.)
   """
   for name in sorted(LAYOUTS):
     anchors, sizes, counts, per_loc = layout(name)

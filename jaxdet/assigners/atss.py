@@ -23,24 +23,24 @@ the left centre, the lower anchor index.  That order is what lets two ways of fi
 candidates select the same anchors, bit for bit:
 
 * dense (``featmap_sizes=None``): distances of every anchor to every gt (A x G) and a per-level
-  selection -- simple, tens of ms per image on a 2-core CPU at 20k anchors x 128 gts;
-* grid (``featmap_sizes`` given, ~1 ms): a level's anchors form a regular grid, so a cell's
-  squared distance is ``fl(kx[column] + ky[row])``, non-decreasing in each term.  Rank the
-  columns by (kx, centre) and the rows by (ky, centre).  The cell at column rank ``a`` and row
-  rank ``b`` (1-based) comes after every other cell of the block of columns ranked <= a and
-  rows ranked <= b: each has a distance no larger (float32 rounding is monotone) and, on an
-  equal distance, keys and centres no larger in the order above.  So a cell with ``a * b >
-  topk`` has ``topk`` cells before it and is never a candidate: the candidates lie in the
-  "hyperbolic" set ``a * b <= topk`` (23 cells for topk 9 instead of the whole level),
-  wherever the gt is (far outside the image too) and however small the level or its valid
-  region.  The ``topk`` nearest columns (rows) are consecutive and are found in a window of
-  ``2 topk + 2`` lines around the gt; the exact top-k is then picked among the 23 cells by
-  counting predecessors.  With several anchors per location the argument runs per base
-  anchor (their centres may differ by rounding) and the union is ranked together.  This
-  needs the anchors to be the regular grid of mmdetection's ``AnchorGenerator`` (or
-  ``jaxdet.priors.anchor_grid``) in its order (level, row, column, base anchor), ``valid`` to
-  be mmdetection's valid flags (per level, the locations of the first rows and columns), and
-  |coordinates| < 1e6 px.
+  selection -- simple but slow on a CPU (~0.5 s per image at 20k anchors x 128 gts on 2 cores);
+* grid (``featmap_sizes`` given; ~1 ms per image there): a level's anchors form a regular
+  grid, so a cell's squared distance is ``fl(kx[column] + ky[row])``, non-decreasing in each
+  term.  Rank the columns by (kx, centre) and the rows by (ky, centre).  The cell at column
+  rank ``a`` and row rank ``b`` (1-based) comes after every other cell of the block of
+  columns ranked <= a and rows ranked <= b: each has a distance no larger (float32 rounding
+  is monotone) and, on an equal distance, keys and centres no larger in the order above.  So
+  a cell with ``a * b > topk`` has ``topk`` cells before it and is never a candidate: the
+  candidates lie in the "hyperbolic" set ``a * b <= topk`` (23 cells for topk 9 instead of
+  the whole level), wherever the gt is (far outside the image too) and however small the
+  level or its valid region.  The ``topk`` nearest columns (rows) are consecutive and are
+  found in a window of ``2 topk + 2`` lines around the gt; the exact top-k is then picked
+  among the 23 cells by counting predecessors.  With several anchors per location the
+  argument runs per base anchor (their centres may differ by rounding) and the union is
+  ranked together.  This needs the anchors to be the regular grid of mmdetection's
+  ``AnchorGenerator`` (or ``jaxdet.priors.anchor_grid``) in its order (level, row, column,
+  base anchor), ``valid`` to be mmdetection's valid flags (per level, the locations of the
+  first rows and columns), and |coordinates| < 1e6 px.
 
 Every product is rounded to float32 before it is summed (XLA would otherwise fuse it into an
 FMA), so distances and IoUs are those of mmdetection's float32 torch code bit for bit.  Its
@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdet.assigners.assignment import BACKGROUND, IGNORED, Assignment
+from jaxdet.ops.boxes import box_iou_aligned, rounded
 
 INF = 100000000.  # mmdetection's ATSSAssigner INF: max_overlap of unassigned anchors is -INF
 CENTER_EPS = 0.01  # an anchor centre must be more than this inside each side of the gt
@@ -73,8 +74,9 @@ def atss_assign(anchors, gt_boxes, gt_labels, gt_mask, *, num_level_anchors, top
     valid: optional (A,) bool, mmdetection's valid flags (anchors on the image's own padded
       area); invalid anchors are never candidates and come out ignored.
     featmap_sizes: optional static ``((h, w), ...)`` per level.  Given, the fast grid path is
-      used (same result; see the module docstring for what it assumes of the anchors);
-      level ``l`` then holds ``h * w * n`` anchors, ``n`` anchors per location.
+      used (same result, a few hundred times faster on a CPU; see the module docstring for
+      what it assumes of the anchors); level ``l`` then holds ``h * w * n`` anchors, ``n``
+      anchors per location.
 
   Returns:
     ``Assignment`` with (A,) ``gt_index`` (>= 0 gt row, -1 background, -2 invalid anchor),
@@ -101,16 +103,8 @@ def atss_assign(anchors, gt_boxes, gt_labels, gt_mask, *, num_level_anchors, top
   return _assign_candidates(anchors, gt_boxes, gt_labels, gt_mask, valid, cand, selected)
 
 
-def _rounded(x):
-  """``x``, materialised as rounded float32 so XLA cannot fuse it into an FMA with a later add.
-
-  (The ``x == x`` test is opaque to LLVM's contraction; NaN stays NaN.)
-  """
-  return jnp.where(x == x, x, jnp.nan)
-
-
 def _sq(x):
-  return _rounded(x * x)
+  return rounded(x * x)
 
 
 def _materialize(x):
@@ -235,9 +229,9 @@ def _grid_candidates(anchors, valid, gt_cx, gt_cy, levels, topk):
   pad = lambda x: np.pad(x, ((0, 0), (0, 0), (0, size - x.shape[-1])))
   lines, lines_real = np.concatenate([pad(cols), pad(rows)]), np.concatenate(
       [pad(cols_real), pad(rows_real)])
-  coord = np.repeat([[0, 2], [1, 3]], len(levels), axis=0)[:, None, None, :]  # x1, x2 | y1, y2
-  centres = (jnp.take_along_axis(anchors[lines], coord[..., :1], axis=-1)[..., 0]
-             + jnp.take_along_axis(anchors[lines], coord[..., 1:], axis=-1)[..., 0]) / 2.
+  cx = (anchors[:, 0] + anchors[:, 2]) / 2.
+  cy = (anchors[:, 1] + anchors[:, 3]) / 2.
+  centres = jnp.concatenate([cx[pad(cols)], cy[pad(rows)]])
   g = jnp.concatenate([jnp.broadcast_to(gt_cx, (len(levels), 1) + gt_cx.shape),
                        jnp.broadcast_to(gt_cy, (len(levels), 1) + gt_cy.shape)])
   k = min(topk, size)
@@ -293,13 +287,16 @@ def _dense_candidates(anchors, valid, gt_cx, gt_cy, levels, topk):
   ky = _sq(cy - gt_cy[:, None, None])
   dist = jnp.where(ok, jnp.sqrt(kx + ky), jnp.inf)
   k = min(topk, table.shape[1])
-  d_k = -jax.lax.top_k(-dist, k)[0][..., -1:]
+  # (Reading all k values of top_k matters: XLA turns a top_k of which only the last value
+  # is read into a full sort.)
+  kth = lambda x, i: jnp.take_along_axis(-jax.lax.top_k(-x, k)[0], i, axis=-1)
+  d_k = -jnp.min(jax.lax.top_k(-dist, k)[0], axis=-1, keepdims=True)
   chosen = dist < d_k
   tied = ok & (dist == d_k)
   need = k - jnp.sum(chosen, axis=-1, keepdims=True)
   for key in (ky, cy, kx, cx):
     key = jnp.where(tied, key, jnp.inf)
-    key_r = jnp.take_along_axis(-jax.lax.top_k(-key, k)[0], jnp.maximum(need - 1, 0), axis=-1)
+    key_r = kth(key, jnp.maximum(need - 1, 0))
     below = tied & (key < key_r)
     chosen |= below
     need -= jnp.sum(below, axis=-1, keepdims=True)
@@ -314,25 +311,12 @@ def _dense_candidates(anchors, valid, gt_cx, gt_cy, levels, topk):
   return cand.reshape(num_gts, -1).T, (is_chosen > 0).reshape(num_gts, -1).T
 
 
-def _iou_aligned(boxes1, boxes2):
-  """IoU of matching boxes ``(..., 4)``, mmdetection's ``bbox_overlaps`` op for op (float32,
-  eps 1e-6)."""
-  area1 = _rounded((boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1]))
-  area2 = _rounded((boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1]))
-  lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
-  rb = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
-  wh = jnp.maximum(rb - lt, 0.)
-  overlap = _rounded(wh[..., 0] * wh[..., 1])
-  union = jnp.maximum(area1 + area2 - overlap, 1e-6)
-  return overlap / union
-
-
 def _assign_candidates(anchors, gt_boxes, gt_labels, gt_mask, valid, cand, selected):
   """Steps 2-4 on the candidate pairs ``cand (C, G)`` (anchor indices) of which ``selected``."""
   num_anchors, num_gts = anchors.shape[0], gt_boxes.shape[0]
   boxes = anchors[cand]  # (C, G, 4)
   gts = gt_boxes[None]  # (1, G, 4)
-  iou = _iou_aligned(boxes, gts)
+  iou = box_iou_aligned(boxes, gts)  # mmdetection's bbox_overlaps, op for op
 
   count = jnp.sum(selected, axis=0).astype(jnp.float32)
   mean = jnp.sum(jnp.where(selected, iou, 0.), axis=0) / count
@@ -351,7 +335,7 @@ def _assign_candidates(anchors, gt_boxes, gt_labels, gt_mask, valid, cand, selec
   flat = cand.reshape(-1)
   best = jnp.full((num_anchors,), -INF, jnp.float32).at[flat].max(score)
   rows = jnp.broadcast_to(jnp.arange(num_gts, dtype=jnp.int32), cand.shape).reshape(-1)
-  winner = jnp.where((score > -INF) & (score == best[flat]), num_gts - 1 - rows, num_gts)
+  winner = jnp.where((score > -INF) & (score == best[flat]), rows, num_gts)
   gt_index = jnp.full((num_anchors,), num_gts, jnp.int32).at[flat].min(winner)
 
   gt_index = jnp.where(gt_index < num_gts, gt_index, BACKGROUND)

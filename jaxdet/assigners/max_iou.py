@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdet.assigners.assignment import BACKGROUND, IGNORED, Assignment
-from jaxdet.ops.boxes import EPS, box_area
+from jaxdet.ops.boxes import box_iou
 
 
 def max_iou_assign(anchors, gt_boxes, gt_labels, gt_mask, *, pos_iou_thr, neg_iou_thr,
@@ -99,29 +99,11 @@ def max_iou_assign(anchors, gt_boxes, gt_labels, gt_mask, *, pos_iou_thr, neg_io
 
 
 def _iou_as_mmdet(anchors, gt_boxes, valid, gt_mask):
-  """Pairwise IoU ``(A, G)`` as mmdetection's ``bbox_overlaps`` computes it in float32; -1 for
-  pairs with an invalid prior or a padded gt.
-
-  XLA always allows a product and the add that consumes it to be contracted into one fused
-  multiply-add, which rounds once where torch rounds twice: ``area_a + area_g`` came out one ulp
-  off for ~1% of real-valued pairs on CPU. Each product therefore reaches the additions through
-  a select on the runtime masks (which padding needs anyway), which a multiply-add cannot be
-  fused across; the remaining add, subtract, max and divide round as torch's do on CPU.
-
-  On GPU, XLA's float32 division is not correctly rounded (up to 2 ulp off; ~30% of quotients
-  differ from IEEE division in a test on an H100), so there IoUs can differ from mmdetection's by
-  an ulp or two, and an assignment can differ where an IoU lies that close to a threshold or to
-  another gt's IoU. The assignment stays self-consistent (every consumer divides the same way).
-  """
-  lt = jnp.maximum(anchors[:, None, :2], gt_boxes[None, :, :2])
-  rb = jnp.minimum(anchors[:, None, 2:], gt_boxes[None, :, 2:])
-  wh = jnp.clip(rb - lt, 0)
+  """Pairwise IoU ``(A, G)`` as mmdetection's ``bbox_overlaps`` computes it in float32 (see
+  `jaxdet.ops.boxes` for how it stays bit-exact on CPU); -1 for pairs with an invalid prior or a
+  padded gt."""
   pair_ok = valid[:, None] & gt_mask[None, :]
-  area_a = jnp.where(valid, box_area(anchors), 0.)
-  area_g = jnp.where(gt_mask, box_area(gt_boxes), 0.)
-  overlap = jnp.where(pair_ok, wh[..., 0] * wh[..., 1], 0.)
-  union = jnp.maximum(area_a[:, None] + area_g[None, :] - overlap, EPS)
-  return jnp.where(pair_ok, overlap / union, -1.)
+  return jnp.where(pair_ok, box_iou(anchors, gt_boxes), -1.)
 
 
 def _check_args(anchors, gt_boxes, gt_labels, gt_mask, valid, pos_iou_thr, neg_iou_thr,

@@ -30,6 +30,9 @@ import math
 import numpy as np
 from PIL import Image
 
+from jaxdet.ops.boxes import boxes_to_original  # noqa: F401  (re-exported)
+from jaxdet.ops.image import normalize_images  # noqa: F401  (re-exported)
+
 PYTORCH_NORM = dict(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), to_bgr=False)
 CAFFE_NORM = dict(mean=(102.9801, 115.9465, 122.7717), std=(1.0, 1.0, 1.0), to_bgr=True)
 
@@ -94,40 +97,6 @@ def sample_meta(sample):
       orig_size=np.array(sample["orig_size"], np.int32),
       image_id=sample["image_id"],
   )
-
-
-def boxes_to_original(boxes, meta, *, clip=False):
-  """Map boxes from network-input pixels back to the original image (inverse of flip + scale).
-
-  Args:
-    boxes: (..., N, 4) xyxy in input pixels (numpy or jax array).
-    meta: mapping with ``scale_factor (..., 2)``, ``offset (..., 2)`` (optional, default 0),
-      ``flip (...,)`` bool and ``img_shape (..., 2)`` (h, w), as in `sample_meta` or a batch;
-      leading dims broadcast against the boxes' (so it vmaps over images).
-    clip: also clip to ``orig_size (..., 2)`` from ``meta``.
-  Returns:
-    (..., N, 4) xyxy in original-image pixels; jnp if any input is a jax array, else numpy.
-  """
-  xp = np
-  if any(type(v).__module__.startswith("jax") for v in (boxes, *meta.values())):
-    import jax.numpy as xp  # pylint: disable=import-outside-toplevel
-  boxes = xp.asarray(boxes, xp.float32)
-  sf = xp.asarray(meta["scale_factor"], xp.float32)[..., None, :]
-  off = xp.asarray(meta.get("offset", xp.zeros_like(sf[..., 0, :])), xp.float32)[..., None, :]
-  flip = xp.asarray(meta["flip"], bool)[..., None]
-  img_w = xp.asarray(meta["img_shape"], xp.float32)[..., None, 1]
-  x1 = xp.where(flip, img_w - boxes[..., 2], boxes[..., 0])
-  x2 = xp.where(flip, img_w - boxes[..., 0], boxes[..., 2])
-  x1 = (x1 - off[..., 0]) / sf[..., 0]
-  x2 = (x2 - off[..., 0]) / sf[..., 0]
-  y1 = (boxes[..., 1] - off[..., 1]) / sf[..., 1]
-  y2 = (boxes[..., 3] - off[..., 1]) / sf[..., 1]
-  out = xp.stack([x1, y1, x2, y2], axis=-1)
-  if clip:
-    hw = xp.asarray(meta["orig_size"], xp.float32)[..., None, :]
-    hi = xp.stack([hw[..., 1], hw[..., 0], hw[..., 1], hw[..., 0]], axis=-1)
-    out = xp.clip(out, 0, hi)
-  return out
 
 
 def training_targets(sample, *, min_size=1.0):
@@ -535,32 +504,6 @@ def pad_to_multiple(image, divisor):
 
 
 # ----------------------------------------------------------------------------- device side
-
-def normalize_images(images, img_shape, *, mean, std, to_bgr=False, dtype=None):
-  """Normalise a padded batch on the device; padded pixels become exactly 0.
-
-  Args:
-    images: (..., H, W, 3) uint8 (or float) RGB, padded at the bottom/right.
-    img_shape: (..., 2) int (h, w) of each valid image region.
-    mean, std: 3 values in the model's channel order (BGR when ``to_bgr``).
-    to_bgr: reverse the channels first (caffe-style backbones).
-    dtype: output dtype (default float32).
-  Returns:
-    (..., H, W, 3) ``(x - mean) / std`` inside each image, 0 in the padding (as mmdetection,
-    which normalises first and then pads with 0).
-  """
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  x = jnp.asarray(images).astype(jnp.float32)
-  if to_bgr:
-    x = x[..., ::-1]
-  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-  hgt, wid = x.shape[-3], x.shape[-2]
-  img_shape = jnp.asarray(img_shape)
-  rows = jnp.arange(hgt)[:, None] < img_shape[..., 0, None, None]
-  cols = jnp.arange(wid)[None, :] < img_shape[..., 1, None, None]
-  x = jnp.where((rows & cols)[..., None], x, 0.0)
-  return x.astype(dtype or jnp.float32)
-
 
 # ----------------------------------------------------------------------------- from config
 

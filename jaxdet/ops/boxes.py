@@ -7,7 +7,11 @@ IoU 0 with everything (never NaN) and gives finite gradients.
 
 The arithmetic follows mmdetection's ``bbox_overlaps`` step by step (same operation
 order, same ``eps`` guard on the union) so that IoU values, and therefore assignments that
-depend on ties, agree bit for bit with mmdetection on the same float32 inputs.
+depend on ties, agree bit for bit with mmdetection on the same float32 inputs (on CPU; XLA's
+GPU division is not correctly rounded, so there an IoU can be an ulp or two off).  XLA may
+contract a product and the add that consumes it into one fused multiply-add, which rounds once
+where torch rounds twice (~1% of real-valued pairs came out an ulp off): every area and overlap
+product therefore passes through ``rounded``, a select that no multiply-add is fused across.
 """
 import jax.numpy as jnp
 import numpy as np
@@ -15,16 +19,23 @@ import numpy as np
 EPS = 1e-6  # mmdetection's default eps for bbox_overlaps
 
 
+def rounded(x):
+  """``x``, materialised as a rounded float32 value so that XLA cannot fuse the product that
+  made it into an FMA with a later add (the ``x == x`` select is opaque to contraction; NaN
+  stays NaN, gradients pass through)."""
+  return jnp.where(x == x, x, jnp.nan)
+
+
 def box_area(boxes):
   """Area of ``boxes (..., 4)`` -> ``(...)``; negative extents give negative area as in mmdet."""
-  return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+  return rounded((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))
 
 
 def _pairwise_inter(boxes1, boxes2):
   lt = jnp.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
   rb = jnp.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
   wh = jnp.clip(rb - lt, 0)
-  return wh[..., 0] * wh[..., 1]
+  return rounded(wh[..., 0] * wh[..., 1])
 
 
 def box_iou(boxes1, boxes2, *, eps=EPS):
@@ -59,7 +70,7 @@ def _aligned_iou_union(boxes1, boxes2, eps):
   lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
   rb = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
   wh = jnp.clip(rb - lt, 0)
-  overlap = wh[..., 0] * wh[..., 1]
+  overlap = rounded(wh[..., 0] * wh[..., 1])
   union = jnp.maximum(area1 + area2 - overlap, eps)
   return overlap / union, union, overlap
 
