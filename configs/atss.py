@@ -7,7 +7,8 @@ COCO (8 GPUs x 2 images, 12 epochs; ~39.4 mAP; ~10 h on 8 V100s in mmdetection):
       --config.data.val.ann_file=data/coco/annotations/instances_val2017.json \
       --config.data.val.img_dir=data/coco/val2017 \
       --config.model.backbone.pretrained=checkpoints/resnet50-0676ba61.pth
-Smoke (the same detector, small, on the built-in shapes dataset; 2-core CPU, < 10 min, mAP >= 0.5):
+Smoke (the same detector, small, on the built-in shapes dataset): on a 2-core CPU ~9 min from
+the command's start (dataset generation and compilation included) to mAP 0.58 (AP50 0.75):
   python -m jaxdet.train --config configs/atss.py:smoke
 """
 from configs._base_ import atss_r50_fpn, data, runtime, schedule_1x
@@ -41,16 +42,17 @@ def _smoke(config):
                 octave_base_scale=4)
   d = config.data
   d.source = 'shapes'
-  d.shapes.update(num_train=2000, num_val=200, size=192, seed=0)
-  d.img_scale = (192, 192)
+  d.shapes.update(num_train=2000, num_val=200, size=160, seed=0)
+  d.img_scale = (160, 160)
   d.samples_per_gpu = 16
   d.workers_per_gpu = 1
   d.max_gt = 16
   config.optimizer.base_lr = 0.02
-  config.schedule.update(epochs=12, warmup_iters=100, milestones=(9, 11))
-  config.log_interval = 20
+  config.schedule.update(epochs=8, warmup_iters=100, milestones=(6, 7))  # 1000 steps
+  config.workflow = (('train', 1),)  # no val-loss pass: the 10-minute budget goes to training
+  config.log_interval = 25
   config.data.val.samples_per_gpu = 8
-  config.eval_interval = 4
+  config.eval_interval = 8
   config.work_dir = 'work_dirs/atss_smoke'
   config.results_row = dict(network='ATSS', dataset='shapes', backbone='R-18/4', style='pytorch',
                             lr_schd='smoke')

@@ -165,3 +165,43 @@ def test_one_vs_eight_devices_same_loss_and_update():
                        text=True, timeout=900)
   assert out.returncode == 0, out.stdout + out.stderr
   assert 'EQUAL' in out.stdout
+
+
+def test_sigterm_saves_then_the_same_command_resumes_and_evaluate_cli(tmp_path, shapes_cache):
+  """A preempted run (SIGTERM) saves a checkpoint and exits; rerunning the same command resumes
+  from that step; `python -m jaxdet.evaluate` then scores the checkpoint."""
+  import signal
+  import time
+  work_dir = str(tmp_path / 'preempted')
+  cmd = [sys.executable, '-m', 'jaxdet.train', '--config', f'{ATSS}:smoke', '--workdir',
+         work_dir] + tiny_overrides(shapes_cache)
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  proc = subprocess.Popen(cmd + ['--config.max_steps=100000', '--config.schedule.epochs=1000'],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  lines = []
+  deadline = time.time() + 600
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('Epoch(train) [1][  2/'):
+      proc.send_signal(signal.SIGTERM)
+      break
+    assert time.time() < deadline, ''.join(lines)
+  rest, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, ''.join(lines) + rest
+  stopped = [l for l in rest.splitlines() if l.startswith('stopped by signal at step')]
+  assert stopped, rest
+  step = int(stopped[0].split()[5].rstrip(';'))
+  assert step >= 2
+  assert ckpt.Checkpointer(os.path.join(work_dir, 'checkpoints'), max_to_keep=3).latest_step() == step
+
+  out = subprocess.run(cmd + [f'--config.max_steps={step + 1}', '--config.schedule.epochs=1000'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert f'resumed from step {step}' in out.stdout
+
+  out = subprocess.run([sys.executable, '-m', 'jaxdet.evaluate', '--config', f'{ATSS}:smoke',
+                        '--checkpoint', work_dir] + tiny_overrides(shapes_cache), cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert '| mAP | AP50 | AP75 | APs | APm | APl |' in out.stdout
