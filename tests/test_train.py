@@ -1,6 +1,7 @@
 """The real training loop on tiny data: loss goes down, resume == uninterrupted, 1 vs 8 devices,
 parameter counts of the full configs, bad overrides."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,7 @@ def tiny_overrides(cache_dir):
           '--config.data.val.samples_per_gpu=4', '--config.data.workers_per_gpu=0',
           '--config.data.max_gt=8', '--config.schedule.warmup_iters=2',
           '--config.log_interval=1', '--config.eval_interval=100',
-          '--config.checkpoint_interval=100']
+          '--config.checkpoint_interval=100', "--config.workflow=(('train',1),('val',1))"]
 
 
 @pytest.fixture(scope='session')
@@ -56,6 +57,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, shapes_cache):
   train_a, rows_a = _read_losses(wd_a)
   assert [r['step'] for r in train_a] == [1, 2, 3, 4, 5, 6]
   assert any(r['kind'] == 'eval' for r in rows_a)
+  assert any(r['kind'] == 'val' for r in rows_a)   # the val-loss phase of the workflow
   assert os.path.exists(os.path.join(wd_a, 'results.md'))
   assert os.path.exists(os.path.join(wd_a, 'detections_epoch_1.json'))
 
@@ -176,14 +178,14 @@ def test_sigterm_saves_then_the_same_command_resumes_and_evaluate_cli(tmp_path, 
   cmd = [sys.executable, '-m', 'jaxdet.train', '--config', f'{ATSS}:smoke', '--workdir',
          work_dir] + tiny_overrides(shapes_cache)
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  proc = subprocess.Popen(cmd + ['--config.max_steps=100000', '--config.schedule.epochs=1000'],
+  proc = subprocess.Popen(cmd + ['--config.max_steps=500', '--config.schedule.epochs=1000'],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   lines = []
   deadline = time.time() + 600
   for line in proc.stdout:
     lines.append(line)
-    if line.startswith('Epoch(train) [1][  2/'):
+    if re.match(r'Epoch\(train\) \[1\]\[\s*2/', line):
       proc.send_signal(signal.SIGTERM)
       break
     assert time.time() < deadline, ''.join(lines)
