@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet.assigners.assignment import BACKGROUND, IGNORED, Assignment
+from jaxdet.assigners.assignment import BACKGROUND, IGNORED, Assignment, check_inputs
 from jaxdet.ops.boxes import box_iou_aligned, rounded
 
 INF = 100000000.  # mmdetection's ATSSAssigner INF: max_overlap of unassigned anchors is -INF
@@ -358,17 +358,8 @@ def _no_gt(valid):
 def _check_args(anchors, gt_boxes, gt_labels, gt_mask, valid, num_level_anchors, topk,
                 featmap_sizes):
   """Validates the arguments; returns ``[(start, count, (h, w) or None)]`` per level."""
-  if np.ndim(anchors) != 2 or np.shape(anchors)[-1] != 4:
-    raise ValueError(f'anchors must be (A, 4), got shape {np.shape(anchors)}')
-  if np.ndim(gt_boxes) != 2 or np.shape(gt_boxes)[-1] != 4:
-    raise ValueError(f'gt_boxes must be (G, 4), got shape {np.shape(gt_boxes)}')
-  num_anchors, num_gts = np.shape(anchors)[0], np.shape(gt_boxes)[0]
-  if np.shape(gt_labels) != (num_gts,):
-    raise ValueError(f'gt_labels must be ({num_gts},), got shape {np.shape(gt_labels)}')
-  if np.shape(gt_mask) != (num_gts,):
-    raise ValueError(f'gt_mask must be ({num_gts},), got shape {np.shape(gt_mask)}')
-  if valid is not None and np.shape(valid) != (num_anchors,):
-    raise ValueError(f'valid must be ({num_anchors},), got shape {np.shape(valid)}')
+  check_inputs(anchors, gt_boxes, gt_labels, gt_mask, valid)
+  num_anchors = np.shape(anchors)[0]
   if not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1:
     raise ValueError(f'topk must be a positive int, got {topk!r}')
   counts = tuple(num_level_anchors)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet.assigners.assignment import BACKGROUND
+from jaxdet.assigners.assignment import BACKGROUND, check_inputs
 
 INF = 1e8  # mmdetection's fcos_head.INF: the "area" of a non-candidate and the open range end
 FCOS_REGRESS_RANGES = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))
@@ -118,15 +118,7 @@ def _centerness(bbox_targets, positive):
 def _per_point_levels(points, gt_boxes, gt_labels, gt_mask, num_level_points, strides,
                       regress_ranges):
   """Validates the arguments; returns per-point (stride, range lo, range hi) numpy float32."""
-  if np.ndim(points) != 2 or np.shape(points)[-1] != 2:
-    raise ValueError(f'points must be (P, 2), got shape {np.shape(points)}')
-  if np.ndim(gt_boxes) != 2 or np.shape(gt_boxes)[-1] != 4:
-    raise ValueError(f'gt_boxes must be (G, 4), got shape {np.shape(gt_boxes)}')
-  num_gts = np.shape(gt_boxes)[0]
-  if np.shape(gt_labels) != (num_gts,):
-    raise ValueError(f'gt_labels must be ({num_gts},), got shape {np.shape(gt_labels)}')
-  if np.shape(gt_mask) != (num_gts,):
-    raise ValueError(f'gt_mask must be ({num_gts},), got shape {np.shape(gt_mask)}')
+  check_inputs(points, gt_boxes, gt_labels, gt_mask, name='points', width=2)
   num_level_points = tuple(num_level_points)
   if not all(isinstance(n, numbers.Integral) and n >= 0 for n in num_level_points):
     raise ValueError(f'num_level_points must be non-negative ints, got {num_level_points}')

@@ -23,7 +23,7 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdet.assigners.assignment import BACKGROUND, IGNORED, Assignment
+from jaxdet.assigners.assignment import BACKGROUND, IGNORED, Assignment, check_inputs
 from jaxdet.ops.boxes import box_iou
 
 
@@ -109,17 +109,7 @@ def _iou_as_mmdet(anchors, gt_boxes, valid, gt_mask):
 def _check_args(anchors, gt_boxes, gt_labels, gt_mask, valid, pos_iou_thr, neg_iou_thr,
                 min_pos_iou):
   """Validates shapes and thresholds; returns the negative range ``(lo, hi)``."""
-  if np.ndim(anchors) != 2 or np.shape(anchors)[-1] != 4:
-    raise ValueError(f'anchors must be (A, 4), got shape {np.shape(anchors)}')
-  if np.ndim(gt_boxes) != 2 or np.shape(gt_boxes)[-1] != 4:
-    raise ValueError(f'gt_boxes must be (G, 4), got shape {np.shape(gt_boxes)}')
-  num_gts = np.shape(gt_boxes)[0]
-  if np.shape(gt_labels) != (num_gts,):
-    raise ValueError(f'gt_labels must be ({num_gts},), got shape {np.shape(gt_labels)}')
-  if np.shape(gt_mask) != (num_gts,):
-    raise ValueError(f'gt_mask must be ({num_gts},), got shape {np.shape(gt_mask)}')
-  if valid is not None and np.shape(valid) != (np.shape(anchors)[0],):
-    raise ValueError(f'valid must be ({np.shape(anchors)[0]},), got shape {np.shape(valid)}')
+  check_inputs(anchors, gt_boxes, gt_labels, gt_mask, valid)
   for name, value in (('pos_iou_thr', pos_iou_thr), ('min_pos_iou', min_pos_iou)):
     if not isinstance(value, numbers.Real):
       raise ValueError(f'{name} must be a number, got {value!r}')
