@@ -82,8 +82,8 @@ def _log_lr_line(config, num_devices, global_batch):
   o = config.optimizer
   lr = scaled_lr(o.base_lr, global_batch, o.base_batch)
   per_device = global_batch // (num_devices * jax.process_count())
-  print(lr_scaling_line(o.base_lr, lr, num_devices * jax.process_count(), per_device,
-                        o.base_batch), flush=True)
+  log.info(lr_scaling_line(o.base_lr, lr, num_devices * jax.process_count(), per_device,
+                        o.base_batch))
   return lr
 
 
@@ -101,9 +101,9 @@ def train_and_evaluate(config, work_dir):
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
   lr = _log_lr_line(config, num_devices, train_loader.global_batch)
-  print(f'{steps_per_epoch} steps/epoch, {total_steps} steps; training compiles '
+  log.info(f'{steps_per_epoch} steps/epoch, {total_steps} steps; training compiles '
         f'{train_loader.num_programs} program(s) {train_loader.shapes}, evaluation '
-        f'{eval_loader.num_programs}', flush=True)
+        f'{eval_loader.num_programs}')
 
   detector = build_detector(config.model, config.dtype)
   schedule = build_schedule(lr, config.schedule, steps_per_epoch=steps_per_epoch)
@@ -116,7 +116,7 @@ def train_and_evaluate(config, work_dir):
   if checkpointer.latest_step() is not None:
     host_state, data_state, _ = checkpointer.restore(host_state)
     start_step = int(host_state['step'])
-    print(f'resumed from step {start_step}', flush=True)
+    log.info(f'resumed from step {start_step}')
   elif config.get('load_from', ''):
     raise ValueError('load_from: fine-tuning from a checkpoint is not implemented yet '
                      '(jaxdet issue 7)')
@@ -139,12 +139,14 @@ def train_and_evaluate(config, work_dir):
                       extra=dict(epoch=step // steps_per_epoch))
 
   step = start_step
+  bar = jd_logging.ProgressBar(total_steps, 'train', initial=start_step)
   t_log, step_log = None, step  # throughput is timed from the end of the first step (compile)
   try:
     while step < total_steps:
       batch = next(iterator)
       state, metrics = p_train(state, batch)
       step += 1
+      bar.update()
       epoch = (step - 1) // steps_per_epoch + 1
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if step % config.log_interval == 0 or epoch_end or step == start_step + 1:
@@ -160,23 +162,21 @@ def train_and_evaluate(config, work_dir):
         t_log, step_log = now, step
         eta = (total_steps - step) * (train_loader.global_batch / throughput) if throughput else None
         lr_now = float(schedule(step - 1))
-        print(jd_logging.format_log_line(
+        log.info(jd_logging.format_log_line(
             epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, lr=lr_now, losses=m,
-            img_per_s=throughput, eta_s=eta, mem_bytes=jd_logging.device_memory_bytes()),
-            flush=True)
+            img_per_s=throughput, eta_s=eta, mem_bytes=jd_logging.device_memory_bytes()))
         writer.scalars(step, dict(kind='train', lr=lr_now, **m,
                                   **({'img_per_s': throughput} if throughput else {})))
       if signals.requested:
         save(step)
-        print(f'stopped by signal at step {step}; checkpoint saved, rerun to resume', flush=True)
+        log.info(f'stopped by signal at step {step}; checkpoint saved, rerun to resume')
         return last_metrics
       if epoch_end:
         last = step == total_steps
         if any(phase == 'val' for phase, _ in config.workflow):
           vals = [jax.device_get(p_val(state, b)) for b in eval_loader]
           vm = {k: float(np.mean([v[k][0] for v in vals])) for k in vals[0]}
-          print(f'Epoch(val) [{epoch}]  ' + '  '.join(f'{k}: {v:.4f}' for k, v in vm.items()),
-                flush=True)
+          log.info(f'Epoch(val) [{epoch}]  ' + '  '.join(f'{k}: {v:.4f}' for k, v in vm.items()))
           writer.scalars(step, dict(kind='val', epoch=epoch, **vm))
         if epoch % config.checkpoint_interval == 0 or last:
           save(step)
@@ -184,6 +184,7 @@ def train_and_evaluate(config, work_dir):
           last_metrics = _evaluate_and_report(config, work_dir, p_predict, state, eval_loader,
                                               val_source, writer, epoch, step, throughput)
   finally:
+    bar.close()
     iterator.close()
     checkpointer.close()
     writer.close()
@@ -192,7 +193,7 @@ def train_and_evaluate(config, work_dir):
 
 def _evaluate_and_report(config, work_dir, p_predict, state, eval_loader, source, writer,
                          epoch, step, throughput):
-  print(f'evaluating epoch {epoch} (step {step}) on {eval_loader.num_images} images', flush=True)
+  log.info(f'evaluating epoch {epoch} (step {step}) on {eval_loader.num_images} images')
   metrics = evaluate(p_predict, state, eval_loader, source, work_dir=work_dir,
                      tag=f'epoch_{epoch}')
   scalars = {k: metrics[k] for k in evaluation.METRICS}
@@ -207,7 +208,7 @@ def _evaluate_and_report(config, work_dir, p_predict, state, eval_loader, source
   if jax.process_index() == 0:
     with open(os.path.join(work_dir, 'results.md'), 'w') as f:
       f.write(table + '\n')
-  print(table, flush=True)
+  log.info(table)
   return metrics
 
 
