@@ -131,6 +131,12 @@ def train_and_evaluate(config, work_dir):
 
   writer = jd_logging.MetricWriter(work_dir)
   signals = ckpt.install_signal_handlers()
+  if data_state and data_state.get('global_batch') != train_loader.global_batch:
+    raise ValueError(
+        f"{work_dir}: the checkpoint was written with a global batch of "
+        f"{data_state.get('global_batch')} images, this run has {train_loader.global_batch} "
+        f"({num_devices} devices x {config.data.samples_per_gpu}); to resume on another device "
+        f"count keep the global batch (set --config.data.samples_per_gpu)")
   iterator = train_loader.iterator(data_state)
   last_metrics, throughput = {}, None
 
