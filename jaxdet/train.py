@@ -67,7 +67,7 @@ def _write_json_atomic(path, obj):
 # ----------------------------------------------------------------------------- the loop
 
 def build_everything(config):
-  """Sources, loaders, detector, optimizer: what both train and evaluate need."""
+  """The val source and the train / eval loaders of `config.data` on the local devices."""
   num_devices = jax.local_device_count()
   train_source = build_source(config.data, 'train')
   val_source = build_source(config.data, 'val')
@@ -75,7 +75,7 @@ def build_everything(config):
   train_loader = data_loader.build_train_loader(config.data, train_source, seed=config.seed,
                                                 num_devices=num_devices)
   eval_loader = data_loader.build_eval_loader(config.data, val_source, num_devices=num_devices)
-  return train_source, val_source, train_loader, eval_loader
+  return val_source, train_loader, eval_loader
 
 
 def _log_lr_line(config, num_devices, global_batch):
@@ -83,7 +83,7 @@ def _log_lr_line(config, num_devices, global_batch):
   lr = scaled_lr(o.base_lr, global_batch, o.base_batch)
   per_device = global_batch // (num_devices * jax.process_count())
   log.info(lr_scaling_line(o.base_lr, lr, num_devices * jax.process_count(), per_device,
-                        o.base_batch))
+                           o.base_batch))
   return lr
 
 
@@ -95,15 +95,15 @@ def train_and_evaluate(config, work_dir):
   dtype = compute_dtype(config.dtype)
   num_devices = jax.local_device_count()
 
-  _, val_source, train_loader, eval_loader = build_everything(config)
+  val_source, train_loader, eval_loader = build_everything(config)
   steps_per_epoch = train_loader.batches_per_epoch
   total_steps = config.schedule.epochs * steps_per_epoch
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
   lr = _log_lr_line(config, num_devices, train_loader.global_batch)
   log.info(f'{steps_per_epoch} steps/epoch, {total_steps} steps; training compiles '
-        f'{train_loader.num_programs} program(s) {train_loader.shapes}, evaluation '
-        f'{eval_loader.num_programs}')
+           f'{train_loader.num_programs} program(s) {train_loader.shapes}, evaluation '
+           f'{eval_loader.num_programs}')
 
   detector = build_detector(config.model, config.dtype)
   schedule = build_schedule(lr, config.schedule, steps_per_epoch=steps_per_epoch)
@@ -116,6 +116,12 @@ def train_and_evaluate(config, work_dir):
   if checkpointer.latest_step() is not None:
     host_state, data_state, _ = checkpointer.restore(host_state)
     start_step = int(host_state['step'])
+    if data_state and data_state.get('global_batch') != train_loader.global_batch:
+      raise ValueError(
+          f"{work_dir}: the checkpoint was written with a global batch of "
+          f"{data_state.get('global_batch')} images, this run has {train_loader.global_batch} "
+          f"({num_devices} devices x {config.data.samples_per_gpu}); to resume on another device "
+          f"count keep the global batch (set --config.data.samples_per_gpu)")
     log.info(f'resumed from step {start_step}')
   elif config.get('load_from', ''):
     raise ValueError('load_from: fine-tuning from a checkpoint is not implemented yet '
@@ -131,12 +137,6 @@ def train_and_evaluate(config, work_dir):
 
   writer = jd_logging.MetricWriter(work_dir)
   signals = ckpt.install_signal_handlers()
-  if data_state and data_state.get('global_batch') != train_loader.global_batch:
-    raise ValueError(
-        f"{work_dir}: the checkpoint was written with a global batch of "
-        f"{data_state.get('global_batch')} images, this run has {train_loader.global_batch} "
-        f"({num_devices} devices x {config.data.samples_per_gpu}); to resume on another device "
-        f"count keep the global batch (set --config.data.samples_per_gpu)")
   iterator = train_loader.iterator(data_state)
   last_metrics, throughput = {}, None
 
@@ -221,7 +221,7 @@ def _evaluate_and_report(config, work_dir, p_predict, state, eval_loader, source
 def main(argv=None):
   spec, overrides, flags = config_cli.parse_args(sys.argv[1:] if argv is None else argv)
   config = config_cli.load_config(spec, overrides)
-  if config.get('distributed', False):
+  if config.distributed:
     jax.distributed.initialize()
   work_dir = flags.get('workdir') or config.work_dir
   train_and_evaluate(config, work_dir)

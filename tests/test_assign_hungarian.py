@@ -1,6 +1,5 @@
 """hungarian_match against scipy.optimize.linear_sum_assignment on the valid columns, and
 detr_match_cost against DETR's formula written out in numpy."""
-import functools
 
 import jax
 import numpy as np

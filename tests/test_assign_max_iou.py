@@ -6,7 +6,6 @@ correctly rounded, so IoUs there may differ from numpy's / torch's by an ulp or 
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,7 +1,6 @@
 """deform_conv2d and ModulatedDeformConv2dPack against torchvision's compiled kernel and mmcv's
 module (forward and gradients).  Needs torch + torchvision (+ mmcv / mmdet for the layer tests)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

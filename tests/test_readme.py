@@ -4,7 +4,6 @@ import io
 import os
 import re
 
-import jax
 import numpy as np
 
 from jaxdet.assigners import atss_assign

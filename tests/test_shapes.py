@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from jaxdet.data import shapes
 from jaxdet.data.sources import CocoSource, build_source

@@ -62,6 +62,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, shapes_cache):
   assert os.path.exists(os.path.join(wd_a, 'detections_epoch_1.json'))
 
   _run(tmp_path, shapes_cache, 'b', '--config.max_steps=3')
+  with pytest.raises(ValueError, match='written with a global batch of 4 images, this run has 2'):
+    _run(tmp_path, shapes_cache, 'b', '--config.max_steps=6', '--config.data.samples_per_gpu=2')
   _, wd_b, _, params_b = _run(tmp_path, shapes_cache, 'b', '--config.max_steps=6')
   train_b, _ = _read_losses(wd_b)
   # the resumed run logs steps 4..6 with the same losses as the uninterrupted one

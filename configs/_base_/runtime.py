@@ -14,4 +14,5 @@ def get_config():
       max_steps=ml_collections.config_dict.placeholder(int),  # stop early (e.g. smoke runs)
       dtype='float32',            # 'bfloat16' computes in bf16 with float32 params and losses
       load_from='',               # a jaxdet checkpoint to fine-tune from (not a resume)
+      distributed=False,          # multi-host: call jax.distributed.initialize() first
   ))

@@ -21,7 +21,6 @@ has best IoU 0 and takes every prior with IoU 0 when ``gt_max_assign_all``.
 import numbers
 
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdet.assigners.assignment import BACKGROUND, IGNORED, Assignment, check_inputs
 from jaxdet.ops.boxes import box_iou
