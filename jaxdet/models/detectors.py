@@ -1,6 +1,6 @@
 """Detectors: backbone + neck + head as one Flax module, and the detector's loss / predict.
 
-`build_detector(config.model)` returns a `Detector`:
+`build_detector(config.model)` returns a `DetectorModel`:
   module   a `SingleStageDetector` (Flax Linen): `module.apply(variables, images, train=...)`
            -> the head's raw per-level outputs. `images` are normalised, NHWC float.
   loss     `loss(outputs, batch, *, axis_name=None) -> dict of scalars` (pure; `loss_*` keys are
@@ -33,7 +33,7 @@ class SingleStageDetector(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class Detector:
+class DetectorModel:
   module: nn.Module
   loss: Callable
   predict: Callable
@@ -64,22 +64,23 @@ def build_neck(cfg, dtype=None):
              relu_before_extra_convs=cfg.relu_before_extra_convs, dtype=dtype)
 
 
+# model.type -> the head's `DenseDetectorHead` (module, loss, predict); one line per detector.
 _HEADS = {
-    'atss': (atss_head.atss_head_module, atss_head.atss_loss, atss_head.atss_predict),
+    'atss': atss_head.HEAD,
 }
 
 
 def build_detector(model_cfg, dtype='float32'):
-  """The `Detector` for `config.model` (`model.type` picks the head: 'atss')."""
+  """The `DetectorModel` for `config.model` (`model.type` picks the head, see `_HEADS`)."""
   if model_cfg.type not in _HEADS:
     raise ValueError(f"model.type={model_cfg.type!r} must be one of {sorted(_HEADS)}")
-  make_head, loss, predict = _HEADS[model_cfg.type]
+  head = _HEADS[model_cfg.type]
   dt = compute_dtype(dtype)
   dt = None if dt == jnp.float32 else dt
   module = SingleStageDetector(backbone=build_backbone(model_cfg.backbone, dt),
                                neck=build_neck(model_cfg.neck, dt),
-                               head=make_head(model_cfg.head, model_cfg.num_classes, dt))
-  return Detector(module=module,
-                  loss=functools.partial(loss, head_cfg=model_cfg.head),
-                  predict=functools.partial(predict, head_cfg=model_cfg.head,
+                               head=head.module(model_cfg.head, model_cfg.num_classes, dt))
+  return DetectorModel(module=module,
+                  loss=functools.partial(head.loss, head_cfg=model_cfg.head),
+                  predict=functools.partial(head.predict, head_cfg=model_cfg.head,
                                             test_cfg=model_cfg.test_cfg))

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdet.ops.boxes import boxes_to_original
 from jaxdet.ops.nms import batched_nms, filter_scores_and_topk
@@ -77,3 +78,42 @@ def dense_predict(cls_logits: Sequence[jax.Array], box_regs: Sequence[jax.Array]
                      scores=jnp.where(keep_valid, scores[keep], 0.),
                      labels=jnp.where(keep_valid, labels[keep], -1),
                      valid=keep_valid)
+
+
+def featmap_sizes_of(level_maps) -> tuple:
+  """Static (h, w) of each level from per-level maps (B, H_l, W_l, C)."""
+  return tuple((int(x.shape[1]), int(x.shape[2])) for x in level_maps)
+
+
+def predict_batch(cls_out, reg_out, ctr_out, priors, decode, batch, test_cfg, *,
+                  num_base_priors=1):
+  """`dense_predict` vmapped over a batch of raw head outputs -> `Predictions` (B, K, ...).
+
+  Args:
+    cls_out, reg_out: tuples over levels of (B, H_l, W_l, num_base_priors * C) and
+      (B, H_l, W_l, num_base_priors * R); ctr_out likewise with width 1, or None.
+    priors: (P, D) all levels' priors in order (level, y, x, base prior).
+    decode: see `dense_predict`.
+    batch: img_shape, scale_factor, offset, flip (B, ...).
+    test_cfg: score_thr, nms_pre, iou_threshold, max_per_img, min_bbox_size (optional).
+  """
+  sizes = featmap_sizes_of(cls_out)
+  counts = [h * w * num_base_priors for h, w in sizes]
+  splits = [int(s) for s in np.cumsum(counts)[:-1]]
+  per_level = lambda x: None if x is None else tuple(jnp.split(x, splits, axis=0))
+  num_classes = cls_out[0].shape[-1] // num_base_priors
+  reg_width = reg_out[0].shape[-1] // num_base_priors
+  level_priors = per_level(priors)
+
+  def one_image(cls_logits, regs, ctr_logits, meta):
+    return dense_predict(per_level(cls_logits), per_level(regs), per_level(ctr_logits),
+                         level_priors, decode, meta, score_thr=test_cfg.score_thr,
+                         nms_pre=test_cfg.nms_pre, iou_threshold=test_cfg.iou_threshold,
+                         max_per_img=test_cfg.max_per_img,
+                         min_bbox_size=test_cfg.get('min_bbox_size', 0.))
+
+  meta = {k: batch[k] for k in ('img_shape', 'scale_factor', 'offset', 'flip')}
+  ctr = None if ctr_out is None else flatten_levels(ctr_out, 1)[..., 0].astype(jnp.float32)
+  return jax.vmap(one_image, in_axes=(0, 0, None if ctr is None else 0, 0))(
+      flatten_levels(cls_out, num_classes).astype(jnp.float32),
+      flatten_levels(reg_out, reg_width).astype(jnp.float32), ctr, meta)

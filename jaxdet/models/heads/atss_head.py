@@ -16,12 +16,11 @@ Loss (`atss_loss`, a pure function of the head outputs and the batch), per devic
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdet import losses
 from jaxdet.assigners.atss import atss_assign
-from jaxdet.models.heads.dense_head import DenseHead
-from jaxdet.models.postprocess import dense_predict, flatten_levels
+from jaxdet.models.heads.dense_head import DenseDetectorHead, DenseHead, mean_over_devices
+from jaxdet.models.postprocess import featmap_sizes_of, flatten_levels, predict_batch
 from jaxdet.ops.coders import delta_decode
 from jaxdet.priors import anchor_grid, level_counts, valid_flags
 
@@ -34,19 +33,10 @@ def atss_head_module(head_cfg, num_classes, dtype=None):
                    centerness='reg', dtype=dtype)
 
 
-def featmap_sizes_of(level_maps):
-  """Static (h, w) of each level from per-level maps (B, H, W, C)."""
-  return tuple((int(x.shape[1]), int(x.shape[2])) for x in level_maps)
-
-
 def _anchors(head_cfg, featmap_sizes):
   return anchor_grid(featmap_sizes, strides=tuple(head_cfg.strides), ratios=(1.0,),
                      octave_base_scale=head_cfg.octave_base_scale,
                      scales_per_octave=head_cfg.scales_per_octave)
-
-
-def _mean_over_devices(x, axis_name):
-  return jax.lax.pmean(x, axis_name) if axis_name is not None else x
 
 
 def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
@@ -75,7 +65,7 @@ def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
   assign = jax.vmap(assign_one)(batch['gt_boxes'], batch['gt_labels'], batch['gt_mask'], valid)
   pos = assign.gt_index >= 0                                   # (B, A)
   num_pos_per_image = pos.sum(axis=1)
-  avg_factor = _mean_over_devices(jnp.maximum(num_pos_per_image, 1).sum().astype(jnp.float32),
+  avg_factor = mean_over_devices(jnp.maximum(num_pos_per_image, 1).sum().astype(jnp.float32),
                                   axis_name)
 
   loss_cls = losses.sigmoid_focal_loss(cls_logits, assign.labels,
@@ -93,7 +83,7 @@ def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
   ctr_targets = jnp.where(pos, losses.centerness_target(ltrb), 0.)
   ctr_targets = jax.lax.stop_gradient(ctr_targets)
   boxes = delta_decode(anchors[None], deltas, stds=tuple(head_cfg.target_stds))
-  bbox_avg = jnp.maximum(_mean_over_devices(ctr_targets.sum(), axis_name), 1.)
+  bbox_avg = jnp.maximum(mean_over_devices(ctr_targets.sum(), axis_name), 1.)
   loss_bbox = losses.giou_loss(boxes, targets, ctr_targets, reduction='sum') / bbox_avg
   loss_ctr = losses.binary_cross_entropy_with_logits(ctr_logits, ctr_targets,
                                                      pos.astype(jnp.float32), reduction='mean',
@@ -108,24 +98,11 @@ def atss_predict(outputs, batch, head_cfg, test_cfg):
   """Detections of every image of the batch (`Predictions` with a leading batch axis), boxes in
   original-image pixels. `batch` needs img_shape, scale_factor, offset, flip (B, ...)."""
   cls_out, reg_out, ctr_out = outputs
-  sizes = featmap_sizes_of(cls_out)
-  anchors = _anchors(head_cfg, sizes)
-  splits = [int(s) for s in np.cumsum(level_counts(sizes, 1))[:-1]]
-  per_level = lambda x: tuple(jnp.split(x, splits, axis=0))
-  num_classes = cls_out[0].shape[-1]
+  anchors = _anchors(head_cfg, featmap_sizes_of(cls_out))
   stds = tuple(head_cfg.target_stds)
+  decode = lambda priors, regs, img_shape: delta_decode(priors, regs, stds=stds,
+                                                        max_shape=img_shape)
+  return predict_batch(cls_out, reg_out, ctr_out, anchors, decode, batch, test_cfg)
 
-  def decode(priors, regs, img_shape):
-    return delta_decode(priors, regs, stds=stds, max_shape=img_shape)
 
-  def one_image(cls_logits, deltas, ctr_logits, meta):
-    return dense_predict(per_level(cls_logits), per_level(deltas), per_level(ctr_logits),
-                         per_level(anchors), decode, meta, score_thr=test_cfg.score_thr,
-                         nms_pre=test_cfg.nms_pre, iou_threshold=test_cfg.iou_threshold,
-                         max_per_img=test_cfg.max_per_img,
-                         min_bbox_size=test_cfg.get('min_bbox_size', 0.))
-
-  meta = {k: batch[k] for k in ('img_shape', 'scale_factor', 'offset', 'flip')}
-  return jax.vmap(one_image)(flatten_levels(cls_out, num_classes).astype(jnp.float32),
-                             flatten_levels(reg_out, 4).astype(jnp.float32),
-                             flatten_levels(ctr_out, 1)[..., 0].astype(jnp.float32), meta)
+HEAD = DenseDetectorHead(module=atss_head_module, loss=atss_loss, predict=atss_predict)

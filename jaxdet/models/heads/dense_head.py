@@ -10,13 +10,34 @@ Returns raw outputs; what they mean (deltas, log-distances, ...) is the detector
   reg:        tuple over levels of (B, H_l, W_l, num_anchors * 4), already multiplied by the scale
   centerness: tuple over levels of (B, H_l, W_l, num_anchors) logits, or None
 """
+import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 _normal_init = nn.initializers.normal(stddev=0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseDetectorHead:
+  """What a one-stage detector adds to backbone + neck: three functions of `config.model.head`.
+
+  module(head_cfg, num_classes, dtype) -> a Flax module (usually a configured `DenseHead`);
+  loss(outputs, batch, head_cfg, *, axis_name=None) -> dict of scalars (`loss_*` are summed);
+  predict(outputs, batch, head_cfg, test_cfg) -> `Predictions` with a leading batch axis.
+  Each head file defines one as `HEAD`; `jaxdet.models.detectors` registers them by name.
+  """
+  module: Callable
+  loss: Callable
+  predict: Callable
+
+
+def mean_over_devices(x, axis_name):
+  """mmdetection's `reduce_mean`: the mean of `x` over the device axis (identity for None)."""
+  return jax.lax.pmean(x, axis_name) if axis_name is not None else x
 
 
 class Scale(nn.Module):
