@@ -209,3 +209,36 @@ def test_sigterm_saves_then_the_same_command_resumes_and_evaluate_cli(tmp_path, 
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout + out.stderr
   assert '| mAP | AP50 | AP75 | APs | APm | APl |' in out.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shapes_cache):
+  """A diverging run (absurd LR after a resume) stops with an error naming the last good
+  checkpoint, writes no checkpoint after it, and that checkpoint still restores."""
+  _, wd, _, good = _run(tmp_path, shapes_cache, 'diverge', '--config.max_steps=6',
+                        '--config.checkpoint_interval=1')   # 6 steps = 1 epoch -> step 6 saved
+  with pytest.raises(FloatingPointError, match=r'at step (\d+): stopping; the last good '
+                                               r'checkpoint is step 6'):
+    _run(tmp_path, shapes_cache, 'diverge', '--config.max_steps=30',
+         '--config.checkpoint_interval=1', '--config.optimizer.base_lr=1e12')
+  checkpoints = ckpt.Checkpointer(os.path.join(wd, 'checkpoints'), max_to_keep=3)
+  assert checkpoints.latest_step() == 6
+  checkpoints.close()
+  restored = ckpt.load_params(os.path.join(wd, 'checkpoints'))
+  for a, b in zip(jax.tree_util.tree_leaves(good), jax.tree_util.tree_leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_training_on_cpu(tmp_path, shapes_cache):
+  """config.dtype=bfloat16: bf16 compute, float32 parameters and finite float32 losses."""
+  config, wd, _, params = _run(tmp_path, shapes_cache, 'bf16', '--config.max_steps=3',
+                               '--config.dtype=bfloat16')
+  from jaxdet.models.detectors import build_detector
+  module = build_detector(config.model, config.dtype).module
+  image = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
+  variables = jax.eval_shape(module.init, jax.random.key(0), image)
+  outputs = jax.eval_shape(module.apply, variables, image)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(outputs)} == {np.dtype('bfloat16')}
+  train, _ = _read_losses(wd)
+  assert [r['step'] for r in train] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) for r in train)
+  assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype(np.float32)}
