@@ -5,10 +5,20 @@ COCO (8 GPUs x 2 images, 12 epochs; ~39.4 mAP; ~10 h on 8 V100s in mmdetection):
       --config.data.train.ann_file=data/coco/annotations/instances_train2017.json \
       --config.data.train.img_dir=data/coco/train2017 \
       --config.data.val.ann_file=data/coco/annotations/instances_val2017.json \
-      --config.data.val.img_dir=data/coco/val2017 \
-      --config.model.backbone.pretrained=checkpoints/resnet50-0676ba61.pth
-Smoke (the same detector, small, on the built-in shapes dataset): on a 2-core CPU ~9 min from
-the command's start (dataset generation and compilation included) to mAP 0.58 (AP50 0.75):
+      --config.data.val.img_dir=data/coco/val2017
+The backbone starts from torchvision's ImageNet ResNet-50 (`model.backbone.pretrained`, as
+mmdetection's 'torchvision://resnet50'), read from checkpoints/resnet50-0676ba61.pth at init;
+nothing is downloaded at run time. Get it once (PyTorch reads it: pip install 'jaxdet[torch]'):
+  mkdir -p checkpoints && wget -P checkpoints https://download.pytorch.org/models/resnet50-0676ba61.pth
+(the same file torchvision caches in ~/.cache/torch/hub/checkpoints/). Another path:
+--config.model.backbone.pretrained=PATH; from scratch: --config.model.backbone.pretrained=
+An mmdetection ATSS checkpoint converts to a jaxdet one (see jaxdet/convert.py):
+  python -m jaxdet.convert --config configs/atss.py --from-mmdet atss_r50_fpn_1x_coco.pth \
+      --out work_dirs/atss_r50_mmdet
+  python -m jaxdet.evaluate --config configs/atss.py --checkpoint work_dirs/atss_r50_mmdet ...
+Smoke (the same detector, small, on the built-in shapes dataset, no pretrained weights): on a
+2-core CPU ~9 min from the command's start (dataset generation and compilation included) to
+mAP 0.58 (AP50 0.75):
   python -m jaxdet.train --config configs/atss.py:smoke
 """
 from configs._base_ import atss_r50_fpn, data, runtime, schedule_1x

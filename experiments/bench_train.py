@@ -1,8 +1,12 @@
-"""Training-step throughput of ATSS R50-FPN (the whole step: normalisation, network, ATSS assigner,
-losses, gradients, SGD update), next to torchvision's RetinaNet / FCOS R50-FPN in the same process.
+"""Training-step throughput of a jaxdet detector (the whole step: normalisation, network,
+assigner, losses, gradients, SGD update with the config's paramwise rules), next to
+torchvision's RetinaNet / FCOS R50-FPN in the same process.
 
-  python experiments/bench_train.py --size 512 512 --batch 2                 # CPU (issue 5)
-  python experiments/bench_train.py --size 800 1216 --batch 8 --dtype bfloat16 --torchvision
+  python experiments/bench_train.py --size 512 512 --batch 2                 # CPU, ATSS (issue 5)
+  python experiments/bench_train.py --config configs/retinanet.py configs/fcos.py \
+      --size 512 512 --batch 2 --torchvision RetinaNet FCOS                 # CPU (issue 6)
+  python experiments/bench_train.py --config configs/atss.py configs/retinanet.py configs/fcos.py \
+      --size 800 1216 --batch 8 --dtype bfloat16 --torchvision RetinaNet FCOS   # GPU
 
 Prints one line per measurement: img/s, ms/step, compile s, peak memory. Random init, random
 uint8 images, 10 random boxes per image (padded to 16). Needs only jax, flax, optax, numpy,
@@ -15,13 +19,13 @@ import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs._base_ import atss_r50_fpn, data, schedule_1x  # noqa: E402
-from jaxdet.engine import steps, train_state  # noqa: E402
+from jaxdet.engine import config_cli, steps, train_state  # noqa: E402
 from jaxdet.models.detectors import build_detector, compute_dtype  # noqa: E402
 
 
@@ -46,15 +50,15 @@ def random_batch(batch, height, width, num_boxes=10, max_gt=16, seed=0):
   return {k: v[None] for k, v in b.items()}  # leading device axis of 1
 
 
-def bench_jaxdet(args):
-  model = atss_r50_fpn.get_config()
-  model.backbone.frozen_stages = 1
-  pipeline = data.get_config().pipeline
-  det = build_detector(model, args.dtype)
+def bench_jaxdet(args, spec):
+  config = config_cli.load_config(spec)
+  config.model.backbone.pretrained = ''   # random init
+  pipeline = config.data.pipeline
+  det = build_detector(config.model, args.dtype)
   sched = lambda step: 0.01
   h, w = args.size
   t = time.time()
-  state, tx = train_state.create_train_state(det, _Cfg(model), (1, h, w, 3), sched)
+  state, tx = train_state.create_train_state(det, config, (1, h, w, 3), sched)
   init_s = time.time() - t
   state = train_state.replicate(state)
   step = jax.pmap(functools.partial(steps.train_step, detector=det, tx=tx, pipeline=pipeline,
@@ -74,16 +78,10 @@ def bench_jaxdet(args):
   jax.block_until_ready(metrics)
   sec = (time.time() - t) / args.steps
   loss = float(metrics['loss'][0])
-  print(f'jaxdet ATSS R50-FPN train {h}x{w} b{args.batch} {args.dtype} on {jax.devices()[0].platform}: '
+  name = os.path.splitext(os.path.basename(spec))[0]
+  print(f'jaxdet {name} train {h}x{w} b{args.batch} {args.dtype} on {jax.devices()[0].platform}: '
         f'{args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, compile {compile_s:.1f} s '
         f'(init {init_s:.1f} s), peak mem {peak_memory_gb():.2f} GB, loss {loss:.3f}', flush=True)
-
-
-class _Cfg:
-  """The few config fields `create_train_state` reads."""
-
-  def __init__(self, model):
-    self.model, self.seed, self.optimizer = model, 0, schedule_1x.sgd()
 
 
 def bench_torchvision(args, name):
@@ -138,6 +136,8 @@ def bench_torchvision(args, name):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--config', nargs='+', default=['configs/atss.py'],
+                 help='jaxdet configs to time (their model, optimizer and pipeline)')
   p.add_argument('--size', type=int, nargs=2, default=(512, 512), metavar=('H', 'W'))
   p.add_argument('--batch', type=int, default=2)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
@@ -149,7 +149,8 @@ def main():
   p.add_argument('--skip-jaxdet', action='store_true')
   args = p.parse_args()
   if not args.skip_jaxdet:
-    bench_jaxdet(args)
+    for spec in args.config:
+      bench_jaxdet(args, os.path.join(ROOT, spec) if not os.path.isabs(spec) else spec)
   if args.torchvision is not None:
     for name in args.torchvision or ['RetinaNet']:
       bench_torchvision(args, name)

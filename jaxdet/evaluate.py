@@ -7,7 +7,6 @@
 step's folder inside it.
 """
 import functools
-import os
 import sys
 
 import jax
@@ -20,17 +19,11 @@ from jaxdet.engine import config_cli
 from jaxdet.models.detectors import build_detector, compute_dtype
 from jaxdet.engine.steps import AXIS, predict_step
 from jaxdet.engine.train_state import replicate
+from jaxdet.inference import check_variables
 from jaxdet.train import evaluate
 
 
-def checkpoint_dir(path):
-  """The orbax checkpoint folder for a work_dir, a checkpoints folder or a step folder."""
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return os.path.join(path, 'checkpoints'), None
-  base = os.path.basename(os.path.normpath(path))
-  if base.isdigit():
-    return os.path.dirname(os.path.normpath(path)), int(base)
-  return path, None
+checkpoint_dir = ckpt.resolve_checkpoint   # (directory, step) of a work_dir / checkpoints / step
 
 
 def main(argv=None):
@@ -39,12 +32,13 @@ def main(argv=None):
   if not flags.get('checkpoint'):
     raise ValueError('--checkpoint DIR is required (a work_dir or its checkpoints folder)')
   config = config_cli.load_config(spec, overrides)
-  directory, step = checkpoint_dir(flags['checkpoint'])
-  variables = ckpt.load_params(directory, step)
+  variables, directory, step = ckpt.load_variables(flags['checkpoint'])
   source = build_source(config.data, 'val')
   check_num_classes(config.model.num_classes, source)
   eval_loader = data_loader.build_eval_loader(config.data, source)
   detector = build_detector(config.model, config.dtype)
+  check_variables(detector, variables, eval_loader.shapes[0][1:],
+                  what=f'checkpoint {directory}/{step}')
   p_predict = jax.pmap(functools.partial(predict_step, detector=detector,
                                          pipeline=config.data.pipeline,
                                          dtype=compute_dtype(config.dtype)), axis_name=AXIS)

@@ -5,7 +5,15 @@
 Reads top to bottom: `create_train_state`, `evaluate`, then `train_and_evaluate`, the loop; the
 jitted steps are in `jaxdet.engine.steps`. `jax.pmap` spreads each batch over the local devices (axis
 name 'batch'); the model and its loss only see that name, for their cross-device means.
-Running the same command again with the same work_dir resumes from its last checkpoint.
+Running the same command again with the same work_dir resumes from its last checkpoint (with
+another global batch, e.g. on another device count, at the same point of the same epoch: see
+`jaxdet.engine.resume`).
+`--config.load_from=DIR` (a jaxdet work_dir, checkpoints folder or step folder) fine-tunes: params
+and batch_stats from that checkpoint, a fresh optimizer and step 0; tensors whose shapes differ
+(e.g. `head/conv_cls` for another num_classes) keep their fresh initialisation, named in one log
+line. A work_dir that already has checkpoints resumes instead (mmdetection: resume > load_from).
+Checkpoints also record the dataset's class names and category ids (`extra['classes']`) for
+`jaxdet.infer` / `jaxdet.Detector`.
 Multi-host: `--config.distributed=True` calls `jax.distributed.initialize()` first (it reads the
 coordinator from the cluster environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS etc.);
 each host then loads its share of every global batch.
@@ -27,6 +35,7 @@ from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
 from jaxdet.engine import logging as jd_logging
 from jaxdet.engine.optimizer import lr_scaling_line, scaled_lr
+from jaxdet.engine.resume import remap_to_global_batch
 from jaxdet.engine.schedules import build_schedule
 from jaxdet.engine.steps import AXIS, predict_step, train_step, val_step
 from jaxdet.engine.train_state import create_train_state, replicate, unreplicate
@@ -87,6 +96,31 @@ def _log_lr_line(config, num_devices, global_batch):
   return lr
 
 
+def load_from(host_state, tx, path):
+  """`config.load_from`: the train state with params and batch_stats from a jaxdet checkpoint
+  (a work_dir, its checkpoints folder or a step folder), a fresh optimizer state and step 0.
+
+  Tensors whose shape differs from the model's (e.g. `head/conv_cls` after a change of
+  num_classes) or that the checkpoint lacks keep their fresh initialisation; one log line names
+  them. A missing or unreadable checkpoint is a one-line ValueError.
+  """
+  try:
+    loaded, directory, step = ckpt.load_variables(path)
+  except ValueError as e:
+    raise ValueError(f'config.load_from: {e}') from None
+  init = dict(params=host_state['params'], batch_stats=host_state['batch_stats'])
+  merged, diff = ckpt.merge_variables(init, loaded)
+  total = len(jax.tree_util.tree_leaves(init))
+  fresh = len(diff['shape']) + len(diff['missing'])
+  line = f'load_from {directory}/{step}: {total - fresh} of {total} tensors loaded'
+  if fresh or diff['unexpected']:
+    line += ('; kept the fresh initialisation of those not loaded: '
+             + ckpt.describe_diff(diff, limit=10))
+  log.info(line)
+  return dict(host_state, step=np.zeros((), np.int32), params=merged['params'],
+              batch_stats=merged['batch_stats'], opt_state=tx.init(merged['params']))
+
+
 def train_and_evaluate(config, work_dir):
   """The whole run; returns the last evaluation's metrics."""
   os.makedirs(work_dir, exist_ok=True)
@@ -116,16 +150,16 @@ def train_and_evaluate(config, work_dir):
   if checkpointer.latest_step() is not None:
     host_state, data_state, _ = checkpointer.restore(host_state)
     start_step = int(host_state['step'])
+    log.info(f'resumed from step {start_step}'
+             + (' (config.load_from is ignored when resuming)' if config.get('load_from') else ''))
     if data_state and data_state.get('global_batch') != train_loader.global_batch:
-      raise ValueError(
-          f"{work_dir}: the checkpoint was written with a global batch of "
-          f"{data_state.get('global_batch')} images, this run has {train_loader.global_batch} "
-          f"({num_devices} devices x {config.data.samples_per_gpu}); to resume on another device "
-          f"count keep the global batch (set --config.data.samples_per_gpu)")
-    log.info(f'resumed from step {start_step}')
+      host_state, data_state, how = remap_to_global_batch(
+          host_state, data_state, global_batch=train_loader.global_batch,
+          batches_per_epoch=steps_per_epoch)
+      start_step = int(host_state['step'])
+      log.info(how)
   elif config.get('load_from', ''):
-    raise ValueError('load_from: fine-tuning from a checkpoint is not implemented yet '
-                     '(jaxdet issue 7)')
+    host_state = load_from(host_state, tx, config.load_from)
 
   statics = dict(detector=detector, pipeline=config.data.pipeline, dtype=dtype)
   p_train = jax.pmap(functools.partial(train_step, tx=tx, **statics), axis_name=AXIS,
@@ -140,9 +174,11 @@ def train_and_evaluate(config, work_dir):
   iterator = train_loader.iterator(data_state)
   last_metrics, throughput = {}, None
 
+  classes = dict(names=list(val_source.class_names), cat_ids=list(val_source.cat_ids))
+
   def save(step):
     checkpointer.save(step, unreplicate(state), data_state=iterator.get_state(),
-                      extra=dict(epoch=step // steps_per_epoch))
+                      extra=dict(epoch=step // steps_per_epoch, classes=classes))
 
   step = start_step
   bar = jd_logging.ProgressBar(total_steps, 'train', initial=start_step)
@@ -190,6 +226,7 @@ def train_and_evaluate(config, work_dir):
           last_metrics = _evaluate_and_report(config, work_dir, p_predict, state, eval_loader,
                                               val_source, writer, epoch, step, throughput)
   finally:
+    signals.uninstall()   # in-process callers (tests, notebooks) get their handlers back
     bar.close()
     iterator.close()
     checkpointer.close()

@@ -62,8 +62,6 @@ def test_resume_equals_uninterrupted_run(tmp_path, shapes_cache):
   assert os.path.exists(os.path.join(wd_a, 'detections_epoch_1.json'))
 
   _run(tmp_path, shapes_cache, 'b', '--config.max_steps=3')
-  with pytest.raises(ValueError, match='written with a global batch of 4 images, this run has 2'):
-    _run(tmp_path, shapes_cache, 'b', '--config.max_steps=6', '--config.data.samples_per_gpu=2')
   _, wd_b, _, params_b = _run(tmp_path, shapes_cache, 'b', '--config.max_steps=6')
   train_b, _ = _read_losses(wd_b)
   # the resumed run logs steps 4..6 with the same losses as the uninterrupted one
@@ -242,3 +240,26 @@ def test_bfloat16_training_on_cpu(tmp_path, shapes_cache):
   assert [r['step'] for r in train] == [1, 2, 3]
   assert all(np.isfinite(r['loss']) for r in train)
   assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype(np.float32)}
+
+
+def test_resume_with_another_global_batch_continues_the_epoch(tmp_path, shapes_cache):
+  """Stopped at batch 3 of 6 (global batch 4), resumed with global batch 2 (12 batches per epoch):
+  continues at step 6 = batch 6/12 of epoch 1, the LR schedule and the optimizer counters there,
+  parameters and momentum carried over."""
+  _, wd, _, params_a = _run(tmp_path, shapes_cache, 'regb', '--config.max_steps=3')
+  config, wd, _, _ = _run(tmp_path, shapes_cache, 'regb', '--config.max_steps=8',
+                          '--config.data.samples_per_gpu=2', '--config.optimizer.base_lr=0.0')
+  train, _ = _read_losses(wd)
+  assert [r['step'] for r in train] == [1, 2, 3, 7, 8]
+  with open(os.path.join(wd, 'train.log')) as f:
+    text = f.read()
+  assert 'resumed from step 3' in text
+  assert 'global batch 4 -> 2: epoch 1 batch 3/6 continues as batch 6/12 (step 6)' in text
+  state = ckpt.Checkpointer(os.path.join(wd, 'checkpoints'), max_to_keep=3)
+  assert state.latest_step() == 8
+  state.close()
+  # lr 0 after the resume: the parameters are exactly those of step 3 (BN statistics move)
+  params_b = ckpt.load_params(os.path.join(wd, 'checkpoints'))
+  for a, b in zip(jax.tree_util.tree_leaves(params_a['params']),
+                  jax.tree_util.tree_leaves(params_b['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,7 +8,10 @@ def get_config(num_classes=80):
       num_classes=num_classes,
       backbone=dict(type='resnet', depth=50, style='pytorch', out_indices=(0, 1, 2, 3),
                     frozen_stages=1, norm_eval=True, base_width=64,
-                    pretrained=''),  # torchvision ResNet-50 ImageNet weights (.pth), see README
+                    # torchvision's ResNet-50 ImageNet weights (mmdetection's
+                    # 'torchvision://resnet50'), read at init; see configs/atss.py for the
+                    # download. '' trains the backbone from scratch.
+                    pretrained='checkpoints/resnet50-0676ba61.pth'),
       neck=dict(type='fpn', in_channels=(256, 512, 1024, 2048), out_channels=256, start_level=1,
                 add_extra_convs='on_output', relu_before_extra_convs=False, num_outs=5),
       head=dict(feat_channels=256, num_convs=4, gn_groups=32,

@@ -157,6 +157,130 @@ def load_params(directory: str, step: int | None = None, keys=('params', 'batch_
   return dict(restored['state'])
 
 
+def resolve_checkpoint(path: str):
+  """`(directory, step)` for a run's work_dir (its latest checkpoint), its `checkpoints` folder
+  (latest) or one step's folder inside it (that step); `step` is None for "the latest".
+
+  Raises `ValueError` (one line) when `path` does not exist.
+  """
+  path = os.fspath(path)
+  if not path or not os.path.isdir(path):
+    raise ValueError(f'checkpoint not found: {path!r} (give a work_dir, its checkpoints folder '
+                     'or a step folder inside it)')
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return os.path.join(path, 'checkpoints'), None
+  base = os.path.basename(os.path.normpath(path))
+  if base.isdigit():
+    return os.path.dirname(os.path.normpath(path)), int(base)
+  return path, None
+
+
+def complete_steps(directory: str) -> list:
+  """Steps of `directory` with a complete (committed) checkpoint, ascending; no orbax needed."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.exists(os.path.join(directory, d, _COMMIT_FILE)))
+
+
+def load_variables(path: str, keys=('params', 'batch_stats')):
+  """`load_params` of a work_dir / checkpoints folder / step folder (`resolve_checkpoint`).
+
+  Returns `(variables, directory, step)` with the step actually read. Every problem (missing
+  path, no complete checkpoint, unreadable files) is a one-line `ValueError` naming the path.
+  """
+  directory, step = resolve_checkpoint(path)
+  steps = complete_steps(directory)
+  if not steps:
+    raise ValueError(f'no complete checkpoint in {directory} (from {path!r})')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f'no complete checkpoint for step {step} in {directory} (steps: {steps})')
+  try:
+    variables = load_params(directory, step, keys)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(' '.join(str(e).split())) from None
+  except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore read errors)
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(f'cannot read checkpoint {directory}/{step}: {first}') from None
+  return variables, directory, step
+
+
+def load_extra(directory: str, step: int) -> dict:
+  """The JSON `extra` dict saved with a checkpoint step ({} when there is none)."""
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  try:
+    with ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler)) as m:
+      restored = m.restore(int(step), args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    return dict(restored['extra'] or {})
+  except Exception:  # pylint: disable=broad-except  (an older checkpoint without `extra`)
+    return {}
+
+
+# ------------------------------------------------------------------------------ load_from merge
+
+def _key(path):
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def _flat(tree):
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  return {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def diff_variables(expected, loaded):
+  """How `loaded` (a checkpoint's variables) differs from `expected` (a model's, or their
+  `jax.eval_shape`), leaf by leaf, keyed 'params/head/conv_cls/kernel'.
+
+  Returns dict(shape=[(key, loaded_shape, expected_shape)], missing=[keys only in expected],
+  unexpected=[keys only in loaded]); all empty when they fit.
+  """
+  e, l = _flat(expected), _flat(loaded)
+  shape = [(k, tuple(np.shape(l[k])), tuple(np.shape(e[k]))) for k in e
+           if k in l and tuple(np.shape(l[k])) != tuple(np.shape(e[k]))]
+  return dict(shape=shape, missing=[k for k in e if k not in l],
+              unexpected=[k for k in l if k not in e])
+
+
+def describe_diff(diff, limit=3) -> str:
+  """One line naming the first `limit` differences of each kind (`diff_variables`)."""
+  parts = []
+  if diff['shape']:
+    items = [f'{k} {tuple(a)} -> {tuple(b)}' for k, a, b in diff['shape'][:limit]]
+    more = len(diff['shape']) - limit
+    parts.append(f'{len(diff["shape"])} tensor(s) with other shapes (checkpoint -> model): '
+                 + ', '.join(items) + (f', ... ({more} more)' if more > 0 else ''))
+  for kind, what in (('missing', 'missing from the checkpoint'),
+                     ('unexpected', 'only in the checkpoint')):
+    if diff[kind]:
+      more = len(diff[kind]) - limit
+      parts.append(f'{len(diff[kind])} {what}: ' + ', '.join(diff[kind][:limit])
+                   + (f', ... ({more} more)' if more > 0 else ''))
+  return '; '.join(parts)
+
+
+def merge_variables(init, loaded):
+  """`load_from`: the model's freshly initialised `init` variables with every leaf that the
+  checkpoint has with the same shape replaced by the checkpoint's (cast to init's dtype).
+
+  Leaves whose shape differs (e.g. `head/conv_cls` after a change of num_classes) or that the
+  checkpoint lacks keep their fresh initialisation; checkpoint leaves the model does not have
+  are ignored. Pure (host numpy in, host numpy out). Returns `(merged, diff)` with `diff` as
+  `diff_variables(init, loaded)`: its 'shape' and 'missing' keys are the re-initialised leaves.
+  """
+  diff = diff_variables(init, loaded)
+  fresh = {k for k, _, _ in diff['shape']} | set(diff['missing'])
+  flat_loaded = _flat(loaded)
+
+  def pick(path, leaf):
+    key = _key(path)
+    leaf = np.asarray(leaf)
+    return leaf if key in fresh else np.asarray(flat_loaded[key], leaf.dtype)
+  return jax.tree_util.tree_map_with_path(pick, init), diff
+
+
 def _item_handlers(state_handler):
   return dict(state=state_handler(), data=ocp.JsonCheckpointHandler(),
               extra=ocp.JsonCheckpointHandler())

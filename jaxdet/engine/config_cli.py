@@ -280,7 +280,8 @@ def _json_default(value):
 
 # ------------------------------------------------------------------------------------ entry points
 
-def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None):
+def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None, *,
+               bool_flags: Sequence[str] = (), positional: str | None = None):
   """Splits an entry point's arguments into `(spec, overrides, other_flags)`.
 
   `argv` (without the program name), e.g.
@@ -289,9 +290,16 @@ def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None):
   Overrides come back as '--config.key=value' strings in order. Other flags take '--name=value',
   '--name value', or a bare '--name' (-> True); dashes in names become underscores. With
   `known_flags`, any other flag is a ConfigError (with a did-you-mean). '-h' is read as '--help'.
+
+  `bool_flags`: flags that never take the next argument as their value (a bare '--name' is
+  True; '--name=false' etc. is read as a bool). `positional`: when given, arguments that are
+  not flags (and everything after '--') are collected in order as `flags[positional]` (a list,
+  possibly empty) instead of being an error.
   """
   spec, overrides, flags = None, [], {}
   argv, i = list(argv), 0
+  bool_flags = {f.replace('-', '_') for f in bool_flags}
+  rest = [] if positional else None
 
   def takes_value(j):
     return j < len(argv) and not argv[j].startswith('--')
@@ -300,11 +308,19 @@ def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None):
     item = argv[i]
     if item == '-h':
       item = '--help'
+    if rest is not None and item == '--':
+      rest.extend(argv[i + 1:])
+      break
     if not item.startswith('--'):
-      raise ConfigError(f'unexpected argument {item!r} (flags look like --name=value)')
+      if rest is None:
+        raise ConfigError(f'unexpected argument {item!r} (flags look like --name=value)')
+      rest.append(item)
+      i += 1
+      continue
     name, eq, value = item[2:].partition('=')
+    is_bool = name.replace('-', '_') in bool_flags or (rest is not None and name == 'help')
     if not eq:
-      if takes_value(i + 1):
+      if takes_value(i + 1) and not is_bool:
         value, i = argv[i + 1], i + 2
       else:
         value, i = None, i + 1
@@ -324,7 +340,13 @@ def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None):
         close = difflib.get_close_matches(flag, list(known_flags), n=1)
         hint = f" (did you mean '--{close[0]}'?)" if close else ''
         raise ConfigError(f"unknown flag '--{name}'{hint}")
+      if is_bool and value is not None:
+        if value.strip().lower() not in _TRUE + _FALSE:
+          raise ConfigError(f'--{name} takes no value (or true / false), got {value!r}')
+        value = value.strip().lower() in _TRUE
       flags[flag] = True if value is None else value
+  if rest is not None:
+    flags[positional] = rest
   if spec is None and not flags.get('help'):
     raise ConfigError('missing --config path/to/config.py[:arg]')
   return spec, overrides, flags

@@ -1,7 +1,8 @@
 """The training state of a detector: init, the optimizer over it, and its device placement.
 
 The state is a plain dict `{step, params, batch_stats, opt_state}` (host numpy while saved,
-one copy per device while training under pmap).
+one copy per device while training under pmap). `model.backbone.pretrained` (a ResNet `.pth`,
+see `jaxdet.models.weights`) replaces the backbone's random init with ImageNet weights.
 """
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 
 from jaxdet.engine.optimizer import build_optimizer
 from jaxdet.engine.steps import AXIS
+from jaxdet.models import weights
 from jaxdet.models.backbones import frozen_param_mask
 
 
@@ -19,19 +21,28 @@ def init_variables(detector, image_shape, seed):
 
 
 def frozen_mask(params, model_cfg):
-  """True for parameters that never train (the backbone's frozen stages)."""
+  """True for parameters that never train: the backbone's frozen stages and, with
+  `model.backbone.norm_trainable=False` (caffe backbones, BN requires_grad=False), its BN
+  scales and biases."""
   mask = jax.tree_util.tree_map(lambda _: False, params)
-  mask['backbone'] = frozen_param_mask(params['backbone'], model_cfg.backbone.frozen_stages)
+  mask['backbone'] = frozen_param_mask(
+      params['backbone'], model_cfg.backbone.frozen_stages,
+      norm_trainable=model_cfg.backbone.get('norm_trainable', True))
   return mask
 
 
 def create_train_state(detector, config, image_shape, schedule):
-  """The host-side training state (params, batch_stats, opt_state, step) and the optimizer."""
-  if config.model.backbone.get('pretrained', ''):
-    raise ValueError('model.backbone.pretrained: loading ImageNet weights is not implemented yet '
-                     '(jaxdet issue 7); set --config.model.backbone.pretrained= to train from '
-                     'scratch')
+  """The host-side training state (params, batch_stats, opt_state, step) and the optimizer.
+
+  With `model.backbone.pretrained` set, the backbone starts from that `.pth` (read before the
+  init, so a missing file or PyTorch fails at once; a file that does not fit is an error naming
+  the tensors).
+  """
+  pretrained = config.model.backbone.get('pretrained', '')
+  state_dict = weights.read_pretrained(pretrained) if pretrained else None
   variables = init_variables(detector, image_shape, config.seed)
+  if state_dict is not None:
+    variables = weights.load_backbone_state_dict(variables, state_dict, what=pretrained)
   params = variables['params']
   tx = build_optimizer(config.optimizer, schedule, params, frozen_mask(params, config.model))
   state = dict(step=np.zeros((), np.int32), params=params,
