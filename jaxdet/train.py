@@ -39,6 +39,7 @@ from jaxdet.engine.resume import remap_to_global_batch
 from jaxdet.engine.schedules import build_schedule
 from jaxdet.engine.steps import AXIS, predict_step, train_step, val_step
 from jaxdet.engine.train_state import create_train_state, replicate, unreplicate
+from jaxdet.models import weights
 from jaxdet.models.detectors import build_detector, compute_dtype
 
 log = logging.getLogger('jaxdet.train')
@@ -128,6 +129,12 @@ def train_and_evaluate(config, work_dir):
   config_cli.save_config(config, os.path.join(work_dir, 'config.json'))
   dtype = compute_dtype(config.dtype)
   num_devices = jax.local_device_count()
+  resuming = bool(ckpt.complete_steps(os.path.join(work_dir, 'checkpoints')))
+  # ImageNet weights only for a fresh start (a resume or load_from overwrites them); a missing
+  # file fails here, before any data is read.
+  pretrained = '' if resuming or config.get('load_from', '') else config.model.backbone.pretrained
+  if pretrained and not os.path.isfile(pretrained):
+    raise weights.WeightsFileNotFoundError(weights.missing_weights_message(pretrained))
 
   val_source, train_loader, eval_loader = build_everything(config)
   steps_per_epoch = train_loader.batches_per_epoch
@@ -142,7 +149,8 @@ def train_and_evaluate(config, work_dir):
   detector = build_detector(config.model, config.dtype)
   schedule = build_schedule(lr, config.schedule, steps_per_epoch=steps_per_epoch)
   image_shape = (1,) + tuple(train_loader.shapes[0][2:])
-  host_state, tx = create_train_state(detector, config, image_shape, schedule)
+  host_state, tx = create_train_state(detector, config, image_shape, schedule,
+                                      pretrained=pretrained)
 
   checkpointer = ckpt.Checkpointer(os.path.join(work_dir, 'checkpoints'),
                                    max_to_keep=config.max_to_keep)

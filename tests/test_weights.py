@@ -358,3 +358,18 @@ def test_mmdet_head_tables():
   weights.torch_to_flax(fcos, weights.mmdet_rules('fcos'), target)
   with pytest.raises(ValueError, match="model.type='yolo' is not supported"):
     weights.mmdet_rules('yolo')
+
+
+def test_train_names_a_missing_pretrained_file_before_reading_data(tmp_path):
+  """A missing ImageNet file stops `jaxdet.train` at once with the one-line how-to-get-it error."""
+  from jaxdet.engine import config_cli
+  from jaxdet.models import weights
+  from jaxdet.train import train_and_evaluate
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  missing = str(tmp_path / 'checkpoints' / 'resnet50-0676ba61.pth')
+  config = config_cli.load_config(os.path.join(root, 'configs', 'atss.py:smoke'), [
+      f'--config.model.backbone.pretrained={missing}',
+      f'--config.data.shapes.cache_dir={tmp_path / "never-built"}'])
+  with pytest.raises(weights.WeightsFileNotFoundError, match='resnet50-0676ba61.pth not found.*wget'):
+    train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'never-built').exists()

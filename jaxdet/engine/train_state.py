@@ -31,14 +31,15 @@ def frozen_mask(params, model_cfg):
   return mask
 
 
-def create_train_state(detector, config, image_shape, schedule):
+def create_train_state(detector, config, image_shape, schedule, *, pretrained=None):
   """The host-side training state (params, batch_stats, opt_state, step) and the optimizer.
 
-  With `model.backbone.pretrained` set, the backbone starts from that `.pth` (read before the
-  init, so a missing file or PyTorch fails at once; a file that does not fit is an error naming
-  the tensors).
+  The backbone starts from the `.pth` file `pretrained` (default: `model.backbone.pretrained`;
+  '' for a random init), read before the init, so a missing file or PyTorch fails at once; a file
+  that does not fit is an error naming the tensors.
   """
-  pretrained = config.model.backbone.get('pretrained', '')
+  if pretrained is None:
+    pretrained = config.model.backbone.get('pretrained', '')
   state_dict = weights.read_pretrained(pretrained) if pretrained else None
   variables = init_variables(detector, image_shape, config.seed)
   if state_dict is not None:

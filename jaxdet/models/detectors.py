@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from jaxdet.models.backbones import ResNet
 from jaxdet.models.heads import atss_head
+from jaxdet.models.heads import fcos_head
+from jaxdet.models.heads import retina_head
 from jaxdet.models.necks import FPN
 
 
@@ -53,6 +55,7 @@ def build_backbone(cfg, dtype=None):
     raise ValueError(f"model.backbone.type={cfg.type!r} is not supported (have: 'resnet')")
   return ResNet(depth=cfg.depth, style=cfg.style, out_indices=tuple(cfg.out_indices),
                 frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval,
+                norm_trainable=cfg.get('norm_trainable', True),
                 base_width=cfg.base_width, dtype=dtype)
 
 
@@ -67,6 +70,8 @@ def build_neck(cfg, dtype=None):
 # model.type -> the head's `DenseDetectorHead` (module, loss, predict); one line per detector.
 _HEADS = {
     'atss': atss_head.HEAD,
+    'fcos': fcos_head.HEAD,
+    'retinanet': retina_head.HEAD,
 }
 
 

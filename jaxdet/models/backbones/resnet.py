@@ -10,6 +10,10 @@ classifier (23,508,032 for R50, 42,500,160 for R101; BN running statistics are n
   skip weight decay for them (`frozen_param_mask`).
 - norm_eval: BN always normalises with its stored statistics and never updates them (mmdetection's
   default for detection); otherwise BN uses batch statistics when `train=True`.
+- norm_trainable: False is mmdetection's `norm_cfg=dict(type='BN', requires_grad=False)` (the caffe
+  backbones of FCOS): every BN scale / bias gets no gradient (`stop_gradient` on the parameters, so
+  they add nothing to a clipped gradient norm either) and, through `frozen_param_mask`, no update
+  and no weight decay. They stay parameters (counted, saved, loaded).
 
 Parameter names follow torchvision's (`conv1`, `bn1`, `layer1_0/conv2`, `layer1_0/downsample_0`, ...),
 so that converted checkpoints map one to one.
@@ -87,6 +91,7 @@ class ResNet(nn.Module):
   out_indices: Sequence[int] = (0, 1, 2, 3)
   frozen_stages: int = 1
   norm_eval: bool = True
+  norm_trainable: bool = True
   base_width: int = 64
   bn_eps: float = 1e-5
   dtype: jnp.dtype = None
@@ -99,7 +104,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet style={self.style!r} must be 'pytorch' or 'caffe'")
     block_cls = BasicBlock if self.depth < 50 else Bottleneck
     use_running = self.norm_eval or not train
-    norm = _NormFactory(use_running, self.bn_eps, self.dtype)
+    norm = _NormFactory(use_running, self.bn_eps, self.dtype, self.norm_trainable)
 
     x = nn.relu(norm(name='bn1')(conv(self.base_width, 7, 2, 'conv1', self.dtype)(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -123,27 +128,43 @@ class ResNet(nn.Module):
     return tuple(outs)
 
 
+class _NoGradBatchNorm(nn.BatchNorm):
+  """`nn.BatchNorm` whose scale and bias pass no gradient (torch's requires_grad=False on BN).
+
+  Same parameters, names and statistics as `nn.BatchNorm`; only the values it reads from
+  `self.param` are wrapped in `stop_gradient`.
+  """
+
+  def param(self, name, init_fn, *args, **kwargs):
+    return jax.lax.stop_gradient(super().param(name, init_fn, *args, **kwargs))
+
+
 class _NormFactory:
   """Builds the blocks' BatchNorm layers with the backbone's settings (a picklable callable)."""
 
-  def __init__(self, use_running, eps, dtype):
+  def __init__(self, use_running, eps, dtype, trainable=True):
     self.use_running, self.eps, self.dtype = use_running, eps, dtype
+    self.cls = nn.BatchNorm if trainable else _NoGradBatchNorm
 
   def __call__(self, name):
-    return nn.BatchNorm(use_running_average=self.use_running, momentum=0.9, epsilon=self.eps,
-                        name=name, dtype=self.dtype)
+    return self.cls(use_running_average=self.use_running, momentum=0.9, epsilon=self.eps,
+                    name=name, dtype=self.dtype)
 
 
-def frozen_param_mask(params, frozen_stages):
-  """A pytree of bools over a ResNet's `params`: True for parameters of frozen stages.
+def frozen_param_mask(params, frozen_stages, norm_trainable=True):
+  """A pytree of bools over a ResNet's `params`: True for parameters that never train.
 
-  For the optimizer (no update, no weight decay) -- mmdetection sets requires_grad=False on them.
+  Those of frozen stages and, with `norm_trainable=False`, the scale and bias of every BN layer
+  (a ResNet's convs have no bias, so its only `scale` / `bias` leaves are BN's). For the optimizer
+  (no update, no weight decay) -- mmdetection sets requires_grad=False on them.
   """
   frozen = {'conv1', 'bn1'} if frozen_stages >= 0 else set()
   prefixes = tuple(f'layer{i}_' for i in range(1, frozen_stages + 1))
 
   def is_frozen(path):
     top = path[0].key
+    if not norm_trainable and path[-1].key in ('scale', 'bias'):
+      return True
     return top in frozen or (bool(prefixes) and top.startswith(prefixes))
 
   return jax.tree_util.tree_map_with_path(lambda p, _: is_frozen(p), params)
