@@ -21,7 +21,7 @@ Smoke (the same detector, small, on the built-in shapes dataset, no pretrained w
 mAP 0.58 (AP50 0.75):
   python -m jaxdet.train --config configs/atss.py:smoke
 """
-from configs._base_ import atss_r50_fpn, data, runtime, schedule_1x
+from configs._base_ import atss_r50_fpn, data, runtime, schedule_1x, smoke
 
 
 def get_config(arg=None):
@@ -43,26 +43,7 @@ def get_config(arg=None):
 
 
 def _smoke(config):
-  """The same modules, assigner, losses and post-processing, sized for a 2-core CPU."""
-  m = config.model
-  m.num_classes = 5
-  m.backbone.update(depth=18, base_width=16, frozen_stages=-1, norm_eval=False, pretrained='')
-  m.neck.update(in_channels=(16, 32, 64, 128), out_channels=64, num_outs=3)
-  m.head.update(feat_channels=64, num_convs=2, gn_groups=16, strides=(8, 16, 32),
-                octave_base_scale=4)
-  d = config.data
-  d.source = 'shapes'
-  d.shapes.update(num_train=2000, num_val=200, size=160, seed=0)
-  d.img_scale = (160, 160)
-  d.samples_per_gpu = 16
-  d.workers_per_gpu = 1
-  d.max_gt = 16
-  config.optimizer.base_lr = 0.02
-  config.schedule.update(epochs=8, warmup_iters=100, milestones=(6, 7))  # 1000 steps
-  config.workflow = (('train', 1),)  # no val-loss pass: the 10-minute budget goes to training
-  config.log_interval = 25
-  config.data.val.samples_per_gpu = 8
-  config.eval_interval = 8
-  config.work_dir = 'work_dirs/atss_smoke'
-  config.results_row = dict(network='ATSS', dataset='shapes', backbone='R-18/4', style='pytorch',
-                            lr_schd='smoke')
+  """The same modules, assigner, losses and post-processing, sized for a 2-core CPU
+  (`configs/_base_/smoke.py`); anchors halved (octave_base_scale 4) for 8-96 px objects."""
+  smoke.shrink(config, name='atss', network='ATSS', epochs=8, milestones=(6, 7))
+  config.model.head.octave_base_scale = 4

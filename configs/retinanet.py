@@ -1,0 +1,50 @@
+"""RetinaNet R50-FPN 1x on COCO (mmdetection's `retinanet_r50_fpn_1x_coco`: 36.5 box AP), and its
+smoke run.
+
+COCO (8 GPUs x 2 images, 12 epochs; ~36.5 mAP in mmdetection):
+  python -m jaxdet.train --config configs/retinanet.py --workdir work_dirs/retinanet_r50 \
+      --config.data.train.ann_file=data/coco/annotations/instances_train2017.json \
+      --config.data.train.img_dir=data/coco/train2017 \
+      --config.data.val.ann_file=data/coco/annotations/instances_val2017.json \
+      --config.data.val.img_dir=data/coco/val2017 \
+      --config.model.backbone.pretrained=checkpoints/resnet50-0676ba61.pth
+The loss is normalised per device as mmdetection (`model.head.avg_factor='device'`);
+`--config.model.head.avg_factor=global` normalises by the mean over devices instead.
+Smoke (the same detector, small, on the built-in shapes dataset): mAP 0.456 (AP50 0.666) after
+1500 steps. Measured 10 min 46 s from the command's start on a shared, loaded 2-core CPU
+(~30 img/s); the idle CPU trains this head at ~50 img/s, so ~9 min there (an estimate):
+  python -m jaxdet.train --config configs/retinanet.py:smoke
+"""
+from configs._base_ import data, retinanet_r50_fpn, runtime, schedule_1x, smoke
+
+
+def get_config(arg=None):
+  config = runtime.get_config()
+  config.model = retinanet_r50_fpn.get_config(num_classes=80)
+  config.data = data.get_config()
+  config.data.source = 'coco'
+  config.data.samples_per_gpu = 2
+  config.optimizer = schedule_1x.sgd(base_lr=0.01, weight_decay=1e-4)  # lr for 16 images
+  config.schedule = schedule_1x.get_config()  # 12 epochs, x0.1 at 8 and 11, warmup 500 from 0.001
+  config.work_dir = 'work_dirs/retinanet_r50_fpn_1x_coco'
+  config.results_row = dict(network='RetinaNet', dataset='COCO', backbone='R-50',
+                            style='pytorch', lr_schd='1x')
+  if arg == 'smoke':
+    _smoke(config)
+  elif arg:
+    raise ValueError(f"configs/retinanet.py: unknown argument {arg!r} (have: 'smoke')")
+  return config
+
+
+def _smoke(config):
+  """The same modules, assigner, losses and post-processing, sized for a 2-core CPU
+  (`configs/_base_/smoke.py`), with:
+  - anchors octave_base_scale 2 (16-25 px at stride 8 ... 64-101 px at stride 32) for the
+    shapes' 8-96 px objects (COCO's 4 starts at 32 px and diverged at step 150);
+  - one conv per tower: RetinaNet's head has no normalisation, and with N(0, 0.01) weights on
+    a random backbone two convs kept the classifier at its prior for ~400 steps (mAP 0.38 vs
+    0.11 at 8 epochs); it is also cheaper (~50 img/s vs ATSS smoke's ~40);
+  - 12 epochs (1500 steps) with the 1x shape (x0.1 at 8 and 11): 0.456 mAP.
+  """
+  smoke.shrink(config, name='retinanet', network='RetinaNet', epochs=12, milestones=(8, 11))
+  config.model.head.update(num_convs=1, octave_base_scale=2)
