@@ -39,26 +39,21 @@ def test_dense_head_param_count(kwargs, expected):
   assert _count(DenseHead(num_classes=80, **kwargs), _feats((256,) * 5, 64)) == expected
 
 
-@pytest.mark.parametrize('spec', ['fcos.py', 'fcos_mstrain.py'])
-def test_fcos_config_param_counts(spec):
-  """mmdetection's fcos_r50-caffe_fpn_gn-head (1x and ms-640-800-2x): the caffe R50 (its frozen
-  BN scales / biases still counted), FPN P3-P7 on outputs, GN head with centerness off the
-  classification tower."""
-  import os
-  from jaxdet import info
-  from jaxdet.engine import config_cli
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = config_cli.load_config(os.path.join(root, 'configs', spec))
-  assert info.count_params(config) == dict(total=32_295_322, backbone=23_508_032,
-                                           neck=3_868_672, head=4_918_618)
+_ATSS_R50 = dict(total=32_295_322, backbone=23_508_032, neck=3_868_672, head=4_918_618)
 
 
 @pytest.mark.parametrize('spec,expected', [
+    ('atss.py', _ATSS_R50),
+    ('atss_r101.py', dict(_ATSS_R50, total=51_287_450, backbone=42_500_160)),
     ('retinanet.py', dict(total=37_968_692, backbone=23_508_032, neck=7_997_440,
-                          head=6_463_220)),  # mmdetection's retinanet_r50_fpn_1x_coco
+                          head=6_463_220)),
+    # fcos_r50-caffe_fpn_gn-head (1x, ms-640-800-2x): caffe R50 (its frozen BN scales / biases
+    # still counted), FPN P3-P7 on outputs, GN head with centerness off the cls tower
+    ('fcos.py', _ATSS_R50),
+    ('fcos_mstrain.py', _ATSS_R50),
 ])
 def test_full_config_param_count(spec, expected):
-  """The whole detector of a config (`jaxdet.info`'s count: shape-only init)."""
+  """The whole detector of a config equals mmdetection's (`jaxdet.info`'s count, shape-only)."""
   import os
   from jaxdet import info
   from jaxdet.engine import config_cli
