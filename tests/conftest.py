@@ -8,3 +8,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "jaxdet-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def caplog(caplog):  # pylint: disable=redefined-outer-name
+  """pytest's caplog, also fed by the 'jaxdet' logger after a training run in the same process
+  has set it to propagate=False (`jaxdet.engine.logging.setup_logging`)."""
+  logger = logging.getLogger('jaxdet')
+  logger.addHandler(caplog.handler)
+  yield caplog
+  logger.removeHandler(caplog.handler)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from jaxdet import losses
 from jaxdet.assigners.atss import atss_assign
-from jaxdet.models.heads.dense_head import DenseDetectorHead, DenseHead, mean_over_devices
+from jaxdet.models.heads.dense_head import (DenseDetectorHead, DenseHead, assigned_gt_boxes,
+                                            mean_over_devices)
 from jaxdet.models.postprocess import featmap_sizes_of, flatten_levels, predict_batch
 from jaxdet.ops.coders import delta_decode
 from jaxdet.priors import anchor_grid, level_counts, valid_flags
@@ -73,9 +74,7 @@ def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
                                        alpha=head_cfg.focal_alpha, gamma=head_cfg.focal_gamma,
                                        reduction='mean', avg_factor=avg_factor)
 
-  gt_index = jnp.maximum(assign.gt_index, 0)
-  targets = jnp.take_along_axis(batch['gt_boxes'], gt_index[..., None], axis=1)  # (B, A, 4)
-  targets = jnp.where(pos[..., None], targets, anchors[None])  # finite stand-ins off positives
+  targets = assigned_gt_boxes(batch['gt_boxes'], assign.gt_index, anchors)  # (B, A, 4)
   ctr_x = (anchors[:, 0] + anchors[:, 2]) / 2
   ctr_y = (anchors[:, 1] + anchors[:, 3]) / 2
   ltrb = jnp.stack([ctr_x - targets[..., 0], ctr_y - targets[..., 1],

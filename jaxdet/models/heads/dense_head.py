@@ -35,6 +35,14 @@ class DenseDetectorHead:
   predict: Callable
 
 
+def assigned_gt_boxes(gt_boxes, gt_index, fallback):
+  """(B, A, 4) the gt box assigned to each prior: `gt_boxes (B, G, 4)` rows picked by
+  `gt_index (B, A)`; where `gt_index < 0` the prior's own `fallback (A, 4)` box, a finite
+  stand-in so that losses masked to the positives stay finite (and so do their gradients)."""
+  rows = jnp.take_along_axis(gt_boxes, jnp.maximum(gt_index, 0)[..., None], axis=1)
+  return jnp.where((gt_index >= 0)[..., None], rows, fallback[None])
+
+
 def mean_over_devices(x, axis_name):
   """mmdetection's `reduce_mean`: the mean of `x` over the device axis (identity for None)."""
   return jax.lax.pmean(x, axis_name) if axis_name is not None else x

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from jaxdet import losses
 from jaxdet.assigners.max_iou import max_iou_assign
-from jaxdet.models.heads.dense_head import DenseDetectorHead, DenseHead, mean_over_devices
+from jaxdet.models.heads.dense_head import (DenseDetectorHead, DenseHead, assigned_gt_boxes,
+                                            mean_over_devices)
 from jaxdet.models.postprocess import featmap_sizes_of, flatten_levels, predict_batch
 from jaxdet.ops.coders import delta_decode, delta_encode
 from jaxdet.priors import anchor_grid, valid_flags
@@ -102,9 +103,7 @@ def retina_loss(outputs, batch, head_cfg, *, axis_name=None):
                                        alpha=head_cfg.focal_alpha, gamma=head_cfg.focal_gamma,
                                        reduction='mean', avg_factor=avg_factor)
 
-  gt_index = jnp.maximum(assign.gt_index, 0)
-  targets = jnp.take_along_axis(batch['gt_boxes'], gt_index[..., None], axis=1)  # (B, A, 4)
-  targets = jnp.where(pos[..., None], targets, anchors[None])  # finite stand-ins off positives
+  targets = assigned_gt_boxes(batch['gt_boxes'], assign.gt_index, anchors)  # (B, A, 4)
   target_deltas = delta_encode(anchors[None], targets, means=tuple(head_cfg.target_means),
                                stds=tuple(head_cfg.target_stds))
   target_deltas = jnp.where(pos[..., None], target_deltas, 0.)
