@@ -14,9 +14,11 @@ and batch_stats from that checkpoint, a fresh optimizer and step 0; tensors whos
 line. A work_dir that already has checkpoints resumes instead (mmdetection: resume > load_from).
 Checkpoints also record the dataset's class names and category ids (`extra['classes']`) for
 `jaxdet.infer` / `jaxdet.Detector`.
-Multi-host: `--config.distributed=True` calls `jax.distributed.initialize()` first (it reads the
-coordinator from the cluster environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS etc.);
-each host then loads its share of every global batch.
+Multi-host: `--config.distributed=True` calls `jax.distributed.initialize()` first. On TPU pods,
+SLURM or Open MPI it finds the coordinator itself; elsewhere start one process per host with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (any of these flags implies
+distributed). Each process loads its share of every global batch, gradients are averaged over
+all devices of all processes, process 0 writes logs, metrics and detections.
 """
 import functools
 import json
@@ -263,11 +265,31 @@ def _evaluate_and_report(config, work_dir, p_predict, state, eval_loader, source
   return metrics
 
 
+DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def initialize_distributed(flags):
+  """`jax.distributed.initialize` with the process flags given (None: found from the cluster)."""
+  kwargs = {}
+  for name in DISTRIBUTED_FLAGS:
+    value = flags.get(name)
+    if value is None:
+      continue
+    if name != 'coordinator_address':
+      try:
+        value = int(value)
+      except (TypeError, ValueError):
+        raise config_cli.ConfigError(f'--{name} must be an int, got {value!r}') from None
+    kwargs[name] = value
+  jax.distributed.initialize(**kwargs)
+
+
 def main(argv=None):
-  spec, overrides, flags = config_cli.parse_args(sys.argv[1:] if argv is None else argv)
+  spec, overrides, flags = config_cli.parse_args(
+      sys.argv[1:] if argv is None else argv, known_flags=('workdir',) + DISTRIBUTED_FLAGS)
   config = config_cli.load_config(spec, overrides)
-  if config.distributed:
-    jax.distributed.initialize()
+  if config.distributed or any(flags.get(name) is not None for name in DISTRIBUTED_FLAGS):
+    initialize_distributed(flags)
   work_dir = flags.get('workdir') or config.work_dir
   train_and_evaluate(config, work_dir)
 

@@ -364,6 +364,29 @@ def test_registered_detector_uses_the_retina_head():
   assert (head.num_anchors, head.norm, head.use_scale, head.centerness) == (9, None, False, None)
 
 
+def _head_params(det_cfg):
+  feats = tuple(jnp.zeros((1, 64 // s, 64 // s, det_cfg.neck.out_channels)) for s in STRIDES)
+  head = build_detector(det_cfg).module.head
+  return jax.tree_util.tree_map(np.shape, head.init(jax.random.key(0), feats)['params'])
+
+
+def test_gn_head_option_is_mmdetection_norm_cfg():
+  """`head.norm='gn'` (RetinaHead's norm_cfg=dict(type='GN')): GroupNorm after each tower conv,
+  which loses its bias (mmcv's ConvModule bias='auto'); the output convs keep theirs."""
+  det_cfg = retinanet_r50_fpn.get_config(num_classes=C)
+  det_cfg.neck.out_channels = 16
+  det_cfg.head.update(feat_channels=16, num_convs=2, strides=STRIDES)
+  plain = _head_params(det_cfg)
+  det_cfg.head.update(norm='gn', gn_groups=4)
+  gn = _head_params(det_cfg)
+  for tower in ('cls', 'reg'):
+    for i in range(2):
+      assert plain[f'{tower}_convs_{i}'] == {'kernel': (3, 3, 16, 16), 'bias': (16,)}
+      assert gn[f'{tower}_convs_{i}'] == {'kernel': (3, 3, 16, 16)}
+      assert gn[f'{tower}_gns_{i}'] == {'scale': (16,), 'bias': (16,)}
+  assert gn['conv_cls'] == plain['conv_cls'] == {'kernel': (3, 3, 16, 9 * C), 'bias': (9 * C,)}
+
+
 # ----------------------------------------------------------------------------- mmdetection
 
 @functools.lru_cache(maxsize=None)
@@ -426,3 +449,20 @@ def test_loss_equals_mmdetection_retina_head():
                                float(sum(x.item() for x in ref['loss_cls'])), rtol=1e-5)
     np.testing.assert_allclose(float(ours['loss_bbox']),
                                float(sum(x.item() for x in ref['loss_bbox'])), rtol=1e-5)
+
+
+@pytest.mark.torch
+def test_gn_head_parameter_count_equals_mmdetection():
+  torch, _ = mmdet_retina_head()
+  from mmdet.models.dense_heads import RetinaHead
+  head = RetinaHead(num_classes=C, in_channels=16, stacked_convs=2, feat_channels=16,
+                    norm_cfg=dict(type='GN', num_groups=4, requires_grad=True),
+                    anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4,
+                                          scales_per_octave=3, ratios=[0.5, 1.0, 2.0],
+                                          strides=list(STRIDES)))
+  det_cfg = retinanet_r50_fpn.get_config(num_classes=C)
+  det_cfg.neck.out_channels = 16
+  det_cfg.head.update(feat_channels=16, num_convs=2, strides=STRIDES, norm='gn', gn_groups=4)
+  ours = sum(math.prod(s) for s in jax.tree_util.tree_leaves(
+      _head_params(det_cfg), is_leaf=lambda x: isinstance(x, tuple)))
+  assert ours == sum(p.numel() for p in head.parameters())

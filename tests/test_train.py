@@ -253,3 +253,58 @@ def test_resume_with_another_global_batch_continues_the_epoch(tmp_path, shapes_c
   for a, b in zip(jax.tree_util.tree_leaves(params_a['params']),
                   jax.tree_util.tree_leaves(params_b['params'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one_process_with_two_devices(tmp_path, shapes_cache):
+  """Multi-host through JAX's own `jax.distributed` (gloo collectives on CPU): 2 processes x 1
+  device give the same global batch, losses, parameters and COCO metrics as 1 process x 2
+  devices; only process 0 writes the logs, metrics and detections."""
+  overrides = tiny_overrides(shapes_cache) + [
+      '--config.max_steps=3', '--config.data.samples_per_gpu=2',
+      '--config.data.val.samples_per_gpu=2', '--config.model.backbone.norm_eval=True']
+  # The dataset is written once, before the processes that read it start.
+  config = config_cli.load_config(f'{ATSS}:smoke', overrides)
+  from jaxdet.data.sources import build_source
+  build_source(config.data, 'train'), build_source(config.data, 'val')
+  cmd = [sys.executable, '-m', 'jaxdet.train', '--config', f'{ATSS}:smoke'] + overrides
+
+  def env(devices):
+    return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+
+  one = str(tmp_path / 'one_process')
+  out = subprocess.run(cmd + ['--workdir', one], cwd=ROOT, env=env(2), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert 'global batch 4 = 2 devices x 2 images' in out.stdout
+
+  two = str(tmp_path / 'two_processes')
+  port = _free_port()
+  procs = [subprocess.Popen(cmd + ['--workdir', two, f'--coordinator_address=127.0.0.1:{port}',
+                                   '--num_processes=2', f'--process_id={i}'],
+                            cwd=ROOT, env=env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], '\n'.join(logs)
+  assert 'global batch 4 = 2 devices x 2 images' in logs[0]
+  assert 'Epoch(train)' not in logs[1]   # process 1 trains silently
+
+  train_one, rows_one = _read_losses(one)
+  train_two, rows_two = _read_losses(two)
+  assert [r['step'] for r in train_two] == [1, 2, 3]
+  np.testing.assert_allclose([r['loss'] for r in train_two], [r['loss'] for r in train_one],
+                             rtol=1e-6)
+  eval_one = [r for r in rows_one if r['kind'] == 'eval']
+  eval_two = [r for r in rows_two if r['kind'] == 'eval']
+  assert len(eval_two) == 1 and eval_two[0]['mAP'] == pytest.approx(eval_one[0]['mAP'], abs=1e-6)
+  params_one = ckpt.load_params(os.path.join(one, 'checkpoints'))
+  params_two = ckpt.load_params(os.path.join(two, 'checkpoints'))
+  for a, b in zip(jax.tree_util.tree_leaves(params_one), jax.tree_util.tree_leaves(params_two)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)

@@ -12,6 +12,7 @@ def get_config(num_classes=80):
       neck=dict(type='fpn', in_channels=(256, 512, 1024, 2048), out_channels=256, start_level=1,
                 add_extra_convs='on_input', relu_before_extra_convs=False, num_outs=5),
       head=dict(feat_channels=256, num_convs=4,
+                norm='', gn_groups=32,  # '' (mmdetection's RetinaHead) or 'gn' (norm_cfg GN)
                 strides=(8, 16, 32, 64, 128), octave_base_scale=4, scales_per_octave=3,
                 ratios=(0.5, 1.0, 2.0),
                 target_means=(0., 0., 0., 0.), target_stds=(1., 1., 1., 1.),

@@ -48,10 +48,11 @@ def setup_logging(work_dir: str | None = None, *, level=logging.INFO,
   """Configures logger `name` ('jaxdet', the parent of 'jaxdet.train' etc.) and returns it.
 
   Lines go to stdout and, when `work_dir` is given (and this is process 0), are appended to
-  `work_dir/train.log`. Calling it again replaces the handlers it added before.
+  `work_dir/train.log`; other processes of a multi-host run print warnings and errors only (as
+  mmdetection's non-zero ranks). Calling it again replaces the handlers it added before.
   """
   logger = logging.getLogger(name)
-  logger.setLevel(level)
+  logger.setLevel(level if jax.process_index() == 0 else max(level, logging.WARNING))
   logger.propagate = False
   for handler in list(logger.handlers):
     if getattr(handler, '_jaxdet', False):

@@ -1,4 +1,5 @@
-"""Box ops, box coders, NMS and deformable convolution: pure jnp, no Flax, no config."""
+"""Box ops, box coders, NMS, max pooling and deformable convolution: pure jnp, no Flax,
+no config."""
 from jaxdet.ops.boxes import (box_area, box_cxcywh_to_xyxy, box_iof, box_iou, box_iou_aligned,
                               box_xyxy_to_cxcywh, clip_boxes, generalized_box_iou,
                               generalized_box_iou_aligned)
@@ -6,3 +7,4 @@ from jaxdet.ops.coders import delta_decode, delta_encode, distance_decode, dista
 from jaxdet.ops.deform_conv import deform_conv2d
 from jaxdet.ops.nms import (Detections, NMSOutput, batched_nms, filter_scores_and_topk,
                             multiclass_nms)
+from jaxdet.ops.pooling import max_pool2d

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.ops.pooling import max_pool2d
+
 _STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
                  152: (3, 8, 36, 3)}
 
@@ -107,7 +109,7 @@ class ResNet(nn.Module):
     norm = _NormFactory(use_running, self.bn_eps, self.dtype, self.norm_trainable)
 
     x = nn.relu(norm(name='bn1')(conv(self.base_width, 7, 2, 'conv1', self.dtype)(x)))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool2d(x, (3, 3), (2, 2), (1, 1))
     if self.frozen_stages >= 0:
       x = jax.lax.stop_gradient(x)
     outs = []

@@ -1,7 +1,9 @@
 """RetinaNet head (Lin et al. 2017): mmdetection 3.3's `RetinaHead` -- network, loss and prediction.
 
-Network: `DenseHead` without normalisation, `len(ratios) * scales_per_octave` (= 9) anchors per
-location, no `Scale`, no centerness; class bias -log(99) (prior 0.01) (`retina_head_module`).
+Network: `DenseHead` without normalisation (`head.norm=''`; 'gn' is mmdetection's
+`norm_cfg=dict(type='GN', num_groups=head.gn_groups)`: GroupNorm after each tower conv, which
+then has no bias), `len(ratios) * scales_per_octave` (= 9) anchors per location, no `Scale`, no
+centerness; class bias -log(99) (prior 0.01) (`retina_head_module`).
 Outputs, per level: cls (B, H_l, W_l, 9 * C) logits and reg (B, H_l, W_l, 9 * 4) deltas, channel
 `a * C + c` (resp. `a * 4 + k`) for base anchor `a`, as mmdetection's permute + reshape.
 
@@ -47,7 +49,8 @@ def retina_head_module(head_cfg, num_classes, dtype=None):
   """The RetinaNet network head from `config.model.head`."""
   return DenseHead(num_classes=num_classes, num_anchors=num_base_anchors(head_cfg),
                    num_levels=len(head_cfg.strides), feat_channels=head_cfg.feat_channels,
-                   num_convs=head_cfg.num_convs, norm=None, use_scale=False, centerness=None,
+                   num_convs=head_cfg.num_convs, norm=head_cfg.get('norm') or None,
+                   gn_groups=head_cfg.get('gn_groups', 32), use_scale=False, centerness=None,
                    dtype=dtype)
 
 
