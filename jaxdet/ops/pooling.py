@@ -4,8 +4,9 @@
 only its gradient is computed differently: each window sends its output gradient to the FIRST
 position of its maximum in row-major window order, as `torch.nn.functional.max_pool2d` does
 (JAX's own rule is the same on ties, but XLA:CPU runs it as a variadic reduce-window over four
-index arrays plus a scatter, ~12% of a small ResNet's training step; here it is kh * kw
-compares and strided pads that XLA fuses into a few loops).
+index arrays plus a scatter: 54 ms forward+backward on a (16, 80, 80, 16) map, 19 ms here, where
+it is kh * kw compares and strided pads; in the ATSS smoke step, whose convolutions it overlaps,
+the step went only from 458 to 451 ms).
 """
 import functools
 
