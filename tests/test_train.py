@@ -308,3 +308,9 @@ def test_two_processes_train_as_one_process_with_two_devices(tmp_path, shapes_ca
   params_two = ckpt.load_params(os.path.join(two, 'checkpoints'))
   for a, b in zip(jax.tree_util.tree_leaves(params_one), jax.tree_util.tree_leaves(params_two)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+
+
+def test_distributed_flag_that_is_not_an_int_is_a_one_line_error():
+  from jaxdet.train import initialize_distributed
+  with pytest.raises(config_cli.ConfigError, match=r"^--num_processes must be an int, got 'two'$"):
+    initialize_distributed({'coordinator_address': '127.0.0.1:1', 'num_processes': 'two'})
