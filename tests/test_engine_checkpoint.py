@@ -163,6 +163,15 @@ def test_bad_inputs(tmp_path):
 
 
 def test_stop_request_on_sigterm_and_second_sigint_interrupts():
+  # Start from Python's own Ctrl-C handler, whatever an earlier test or library left installed.
+  outer_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _check_stop_request_then_second_sigint_interrupts()
+  finally:
+    signal.signal(signal.SIGINT, outer_int)
+
+
+def _check_stop_request_then_second_sigint_interrupts():
   previous_int = signal.getsignal(signal.SIGINT)
   previous_term = signal.getsignal(signal.SIGTERM)
   stop = install_signal_handlers()

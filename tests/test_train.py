@@ -79,6 +79,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, shapes_cache):
   """Overfit one batch: the same 4 images every step (1 batch per epoch)."""
   _, wd, _, _ = _run(tmp_path, shapes_cache, 'fixed', '--config.data.shapes.num_train=4',
                      '--config.schedule.epochs=30', '--config.max_steps=30',
+                     '--config.schedule.milestones=(6,7)',   # the smoke's 8-epoch schedule
                      '--config.optimizer.base_lr=0.02', "--config.workflow=(('train',1),)",
                      '--config.data.pipeline.flip_ratio=0.0')
   train, _ = _read_losses(wd)
