@@ -78,7 +78,7 @@ def table():
   from jaxdet.engine import config_cli  # pylint: disable=import-outside-toplevel
   results = load_results()
   lines = ['| config | detector | paper | mmdet COCO box AP | parameters | smoke mAP (2-core CPU, '
-           'wall) | CPU train img/s (512x512, b2) |', '|---|---|---|---|---|---|---|']
+           'wall at ~30 img/s) | CPU train img/s (512x512, b2) |', '|---|---|---|---|---|---|---|']
   for spec, name, paper, ap in MODELS:
     if not os.path.exists(os.path.join(ROOT, spec)):
       continue

@@ -3,9 +3,10 @@
 A smoke run keeps the detector's modules, assigner, losses and post-processing and changes only
 sizes: ResNet-18 at quarter width trained whole (no pretrained weights, so no frozen stage and
 BN with batch statistics), a 64-channel FPN over P3-P5, a 2-conv head, 160 px images of the
-shapes dataset (2000 train / 200 val, 5 classes), batch 16, SGD lr 0.02 for 16 images, a short
-warmup, no val-loss pass (the 10-minute CPU budget goes to training) and one COCO evaluation at
-the end. Each detector's config then sets what is its own (head sizes, anchors, ranges, epochs).
+shapes dataset (2000 train / 200 val, 5 classes), batch 16 (RetinaNet and FCOS use 8), SGD
+lr 0.02 for 16 images, a short warmup, no val-loss pass (the 10-minute CPU budget goes to
+training) and one COCO evaluation at the end. Each detector's config then sets what is its own
+(head sizes, anchors, ranges, batch, lr).
 """
 
 
