@@ -59,9 +59,7 @@ def smoke(config):
   0.297 / 0.332 / 0.281; batch 8 at lr 0.01 / 0.0125 / 0.015 / 0.02: 0.393 / 0.442 / 0.466 /
   0.480 (shipped).
   """
-  _smoke.shrink(config, name='fcos', network='FCOS', style='caffe', epochs=7, milestones=(6,))
+  _smoke.shrink(config, name='fcos', network='FCOS', style='caffe', epochs=7, milestones=(6,),
+                samples_per_gpu=8, base_lr=0.04)  # lr 0.02 at this batch of 8
   config.model.backbone.norm_trainable = True
   config.model.head.regress_ranges = ((-1, 32), (32, 64), (64, INF))
-  config.data.samples_per_gpu = 8
-  config.optimizer.base_lr = 0.04  # for 16 images: lr 0.02 at this batch of 8
-  config.schedule.warmup_iters = 200

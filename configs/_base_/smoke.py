@@ -10,8 +10,13 @@ training) and one COCO evaluation at the end. Each detector's config then sets w
 """
 
 
-def shrink(config, *, name, network, style='pytorch', epochs=8, milestones=(6, 7)):
-  """Turns a full COCO `config` into its smoke run, in place; returns it."""
+def shrink(config, *, name, network, style='pytorch', epochs=8, milestones=(6, 7),
+           samples_per_gpu=16, base_lr=0.02):
+  """Turns a full COCO `config` into its smoke run, in place; returns it.
+
+  `base_lr` is for 16 images (scaled to the batch at start); the warmup covers 1600 images
+  whatever the batch.
+  """
   m = config.model
   m.num_classes = 5
   m.backbone.update(depth=18, base_width=16, frozen_stages=-1, norm_eval=False, pretrained='')
@@ -23,12 +28,13 @@ def shrink(config, *, name, network, style='pytorch', epochs=8, milestones=(6, 7
   d.source = 'shapes'
   d.shapes.update(num_train=2000, num_val=200, size=160, seed=0)
   d.img_scale = (160, 160)
-  d.samples_per_gpu = 16
+  d.samples_per_gpu = samples_per_gpu
   d.workers_per_gpu = 1
   d.max_gt = 16
   d.val.samples_per_gpu = 8
-  config.optimizer.base_lr = 0.02
-  config.schedule.update(epochs=epochs, warmup_iters=100, milestones=tuple(milestones))
+  config.optimizer.base_lr = base_lr
+  config.schedule.update(epochs=epochs, warmup_iters=1600 // samples_per_gpu,
+                         milestones=tuple(milestones))
   config.workflow = (('train', 1),)
   config.log_interval = 25
   config.eval_interval = epochs
