@@ -11,7 +11,8 @@
 """
 import os
 
-from jaxdet.data.sources import COCO80_IDS, DataError, _read_coco_json
+from jaxdet.data.sources.coco import COCO80_IDS, read_coco_json
+from jaxdet.data.sources.records import DataError
 
 # COCO 2017's 80 category names in label order (ids `COCO80_IDS`), as mmdetection's CocoDataset.
 COCO80_NAMES = (
@@ -29,7 +30,7 @@ assert len(COCO80_NAMES) == len(COCO80_IDS) == 80
 
 
 def _coco_file_categories(ann_file):
-  data = _read_coco_json(ann_file)
+  data = read_coco_json(ann_file)
   cats = sorted(data.get('categories', []), key=lambda c: c['id'])
   return [str(c['name']) for c in cats], [int(c['id']) for c in cats]
 
