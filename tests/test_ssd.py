@@ -185,3 +185,35 @@ def test_padding_images_and_empty_images():
   with pytest.raises(ValueError, match='model.head.avg_factor'):
     cfg.avg_factor = 'batch'
     ssd_head.ssd_loss(o1, batch, cfg)
+
+
+def test_predict_one_confident_prior_in_original_pixels():
+  """A 64x40 input resized from a 128x60 (w x h) original and flipped; one prior scores ~1 for
+  class 1; a second confident prior lies right of the image (img_shape w 40) and decodes to a
+  zero-width box after clipping: dropped. Everything else is background."""
+  cfg = small_cfg()
+  test_cfg = ml_collections.ConfigDict(dict(nms_pre=1000, score_thr=0.02, iou_threshold=0.45,
+                                            max_per_img=200, min_bbox_size=0.0))
+  anchors = np.asarray(ssd_head.ssd_anchors(cfg, SIZES))
+  num = len(anchors)
+  img_h, img_w = 64, 40
+  inside = np.flatnonzero((anchors[:, 0] > 1) & (anchors[:, 2] < img_w - 1)
+                          & (anchors[:, 1] > 1) & (anchors[:, 3] < img_h - 1))
+  outside = np.flatnonzero(anchors[:, 0] >= img_w)
+  i, j = inside[len(inside) // 2], outside[0]
+  cls = np.full((1, num, 4), -10., np.float32)
+  cls[0, :, 3] = 10.                       # background everywhere ...
+  cls[0, [i, j], 3] = -10.
+  cls[0, [i, j], 1] = 10.                  # ... except two priors sure of class 1
+  reg = np.zeros((1, num, 4), np.float32)  # boxes = the priors themselves
+  batch = dict(img_shape=np.array([[img_h, img_w]], np.int32),
+               scale_factor=np.array([[0.5, 64 / 60]], np.float32),   # (w, h)
+               offset=np.zeros((1, 2), np.float32), flip=np.array([True]))
+  pred = jax.jit(lambda o, b: ssd_head.ssd_predict(o, b, cfg, test_cfg))(
+      outputs_from_flat(cls, reg, cfg), batch)
+  assert pred.boxes.shape == (1, 200, 4)
+  assert int(pred.valid.sum()) == 1
+  assert int(pred.labels[0, 0]) == 1 and float(pred.scores[0, 0]) > 0.999
+  x1, y1, x2, y2 = anchors[i]
+  want = [(img_w - x2) / 0.5, y1 / (64 / 60), (img_w - x1) / 0.5, y2 / (64 / 60)]
+  np.testing.assert_allclose(np.asarray(pred.boxes[0, 0]), want, rtol=1e-5)

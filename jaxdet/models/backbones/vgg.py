@@ -24,6 +24,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdet.models.registry import BACKBONES, Part
 from jaxdet.ops.pooling import max_pool2d
 
 ARCH_SETTINGS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3),
@@ -100,3 +101,16 @@ class SSDVGG(nn.Module):
 def vgg_out_channels(base_width=64) -> Sequence[int]:
   """Channels of `SSDVGG`'s two outputs: (8 base, 16 base) = (512, 1024) for VGG."""
   return (8 * base_width, 16 * base_width)
+
+
+def from_config(cfg, dtype=None):
+  """The SSDVGG of `config.model.backbone` (type 'vgg')."""
+  return SSDVGG(depth=cfg.get('depth', 16), base_width=cfg.get('base_width', 64),
+                with_bn=cfg.get('with_bn', False), norm_eval=cfg.get('norm_eval', False),
+                dtype=dtype)
+
+
+# An ImageNet VGG file may hold the classifier (`classifier.*`), which SSD does not use.
+TORCH_SKIP = (r'classifier\.\d+\.(weight|bias)',)
+
+BACKBONES.register('vgg', Part(build=from_config, torch_names=TORCH_NAMES, torch_skip=TORCH_SKIP))

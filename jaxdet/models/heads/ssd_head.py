@@ -35,8 +35,10 @@ import jax.numpy as jnp
 from jaxdet import losses
 from jaxdet.assigners.max_iou import max_iou_assign
 from jaxdet.models.heads.dense_head import anchor_targets, assigned_gt_boxes
+from jaxdet.models.heads.head import Head
 from jaxdet.models.heads.levels import featmap_sizes_of, flatten_levels
 from jaxdet.models.postprocess import predict_batch
+from jaxdet.models.registry import HEADS
 from jaxdet.ops.coders import delta_decode, delta_encode
 from jaxdet.priors import level_counts, ssd_anchor_grid, ssd_num_base_anchors
 
@@ -162,3 +164,7 @@ def ssd_predict(outputs, batch, head_cfg, test_cfg):
   return predict_batch(cls_out, reg_out, None, anchors, decode, batch, test_cfg,
                        level_counts=level_counts(sizes, num_base_priors(head_cfg)),
                        score='softmax')
+
+
+HEAD = HEADS.register('ssd', Head(module=ssd_head_module, loss=ssd_loss, predict=ssd_predict,
+                                  torch_names=TORCH_NAMES))

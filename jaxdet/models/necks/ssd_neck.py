@@ -19,6 +19,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdet.models.registry import NECKS, Part
+
 TORCH_NAMES = (
     (r'l2_norm', r'l2_norm'),
     (r'extra_layers\.(\d+)\.([01])\.conv', r'extra_layers_\1_\2'),
@@ -81,3 +83,15 @@ class SSDNeck(nn.Module):
                           name=f'extra_layers_{i}_1', dtype=self.dtype)(x))
       outs.append(x)
     return tuple(outs)
+
+
+def from_config(cfg, dtype=None):
+  """The SSDNeck of `config.model.neck` (type 'ssd_neck')."""
+  return SSDNeck(in_channels=tuple(cfg.in_channels), out_channels=tuple(cfg.out_channels),
+                 level_strides=tuple(cfg.level_strides),
+                 level_paddings=tuple(cfg.level_paddings),
+                 l2_norm_scale=cfg.get('l2_norm_scale', 20.),
+                 last_kernel_size=cfg.get('last_kernel_size', 3), dtype=dtype)
+
+
+NECKS.register('ssd_neck', Part(build=from_config, torch_names=TORCH_NAMES))
