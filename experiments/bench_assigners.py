@@ -2,7 +2,7 @@
 
   python experiments/bench_assigners.py            # jaxdet's assigners
   python experiments/bench_assigners.py --mmdet    # also mmdetection's ATSSAssigner (torch CPU)
-  python experiments/bench_assigners.py --dense    # also atss_assign's dense path (slow)
+  python experiments/bench_assigners.py --dense    # also atss_assign_dense (slow)
 
 Prints one line per measurement: compile time (s) and ms per image (median of --repeats
 timed calls of the whole batch, divided by the batch size).  Scenes: ``--num-gt`` random
@@ -107,15 +107,16 @@ def timeit(name, fn, args, batch, repeats):
 
 
 def bench_atss(args, gt, labels, mask, pad_hw, sizes):
-  from jaxdet.assigners.atss import atss_assign
+  from jaxdet.assigners.atss import atss_assign, atss_assign_dense
   anchors = make_anchors(sizes, (1.,), 8, 1)
   counts = tuple(h * w for h, w in sizes)
   valid = valid_numpy(sizes, pad_hw, 1)
   for grid in (True, False) if args.dense else (True,):
-    fn = jax.jit(jax.vmap(lambda a, g, l, m, v, grid=grid: atss_assign(
-        a, g, l, m, valid=v, num_level_anchors=counts, featmap_sizes=sizes if grid else None),
+    fn = jax.jit(jax.vmap(
+        (lambda a, g, l, m, v: atss_assign(a, g, l, m, sizes, valid=v)) if grid else
+        (lambda a, g, l, m, v: atss_assign_dense(a, g, l, m, counts, valid=v)),
         in_axes=(None, 0, 0, 0, 0)))
-    timeit(f'atss_assign ({"grid" if grid else "dense"}, {len(anchors)} anchors, '
+    timeit(f'{"atss_assign" if grid else "atss_assign_dense"} ({len(anchors)} anchors, '
            f'G={args.num_gt} padded to {args.pad_gt})', fn,
            (anchors, gt, labels, mask, valid), args.batch, args.repeats)
   return anchors, counts, valid

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdet.assigners import atss
-from jaxdet.assigners.atss import atss_assign
+from jaxdet.assigners import atss, atss_grid
+from jaxdet.assigners.atss import atss_assign, atss_assign_dense
 
 F32 = np.float32
 STRIDES = (8, 16, 32, 64, 128)
@@ -170,8 +170,9 @@ def layout(name):
 @functools.lru_cache(maxsize=None)
 def assign_fn(name, grid, topk=9):
   _, sizes, counts, _ = layout(name)
-  kwargs = dict(num_level_anchors=counts, topk=topk, featmap_sizes=sizes if grid else None)
-  return jax.jit(lambda a, g, l, m, v: atss_assign(a, g, l, m, valid=v, **kwargs))
+  if grid:
+    return jax.jit(lambda a, g, l, m, v: atss_assign(a, g, l, m, sizes, topk=topk, valid=v))
+  return jax.jit(lambda a, g, l, m, v: atss_assign_dense(a, g, l, m, counts, topk=topk, valid=v))
 
 
 def run(name, grid, gt, labels, mask, valid, topk=9):
@@ -230,7 +231,7 @@ def candidates_fn(counts, sizes, topk):
   starts = np.cumsum((0,) + counts)[:-1].tolist()
   levels = [(s, n, None if sizes is None else sizes[i])
             for i, (s, n) in enumerate(zip(starts, counts))]
-  find = atss._dense_candidates if sizes is None else atss._grid_candidates
+  find = atss._dense_candidates if sizes is None else atss_grid.grid_candidates
 
   def fn(anchors, gt, mask, valid):
     gt = jnp.where(mask[:, None], gt, 0.)
@@ -307,8 +308,9 @@ ROW = np.array([[-8., -8., 8., 8.], [0., -8., 16., 8.], [8., -8., 24., 8.]], F32
 
 @functools.lru_cache(maxsize=None)
 def row_fn(sizes, topk):
-  return jax.jit(functools.partial(atss_assign, num_level_anchors=(3,), topk=topk,
-                                   featmap_sizes=sizes))
+  if sizes is None:
+    return jax.jit(functools.partial(atss_assign_dense, num_level_anchors=(3,), topk=topk))
+  return jax.jit(functools.partial(atss_assign, featmap_sizes=sizes, topk=topk))
 
 
 def assign_row(boxes, mask=None, topk=3):
@@ -429,15 +431,40 @@ def test_bad_arguments_raise():
   anchors, sizes, counts, _ = layout('one_per_loc')
   gt, labels, mask = random_scene(0, 2, (160, 224))
   with pytest.raises(ValueError, match='num_level_anchors'):
-    atss_assign(anchors, gt, labels, mask, num_level_anchors=counts[:-1])
+    atss_assign_dense(anchors, gt, labels, mask, counts[:-1])
   with pytest.raises(ValueError, match='featmap_sizes'):
-    atss_assign(anchors, gt, labels, mask, num_level_anchors=counts, featmap_sizes=sizes[:-1])
+    atss_assign(anchors, gt, labels, mask, sizes[:-1], num_level_anchors=counts)
+  with pytest.raises(ValueError, match='do not divide'):
+    atss_assign(anchors, gt, labels, mask, ((21, 28),) + sizes[1:])
   with pytest.raises(ValueError, match='featmap size'):
-    atss_assign(anchors, gt, labels, mask, num_level_anchors=counts,
-                featmap_sizes=((21, 28),) + sizes[1:])
+    atss_assign(anchors, gt, labels, mask, ((21, 28),) + sizes[1:], num_level_anchors=counts)
+  with pytest.raises(ValueError, match='featmap_sizes'):
+    atss_assign(anchors, gt, labels, mask, ((20, 0),) + sizes[1:])
+  with pytest.raises(ValueError, match='atss_assign_dense'):
+    atss_assign(anchors, gt, labels, mask)
   with pytest.raises(ValueError, match='gt_mask'):
-    atss_assign(anchors, gt, labels, mask[:-1], num_level_anchors=counts)
+    atss_assign(anchors, gt, labels, mask[:-1], sizes)
   with pytest.raises(ValueError, match='topk'):
-    atss_assign(anchors, gt, labels, mask, num_level_anchors=counts, topk=0)
+    atss_assign(anchors, gt, labels, mask, sizes, topk=0)
   with pytest.raises(ValueError, match='valid'):
-    atss_assign(anchors, gt, labels, mask, num_level_anchors=counts, valid=np.ones(3, bool))
+    atss_assign_dense(anchors, gt, labels, mask, counts, valid=np.ones(3, bool))
+
+
+@pytest.mark.parametrize('name', ['one_per_loc', 'three_per_loc'])
+def test_featmap_sizes_alone_equals_the_keyword_call_of_atss_head(name):
+  """The level counts follow from featmap_sizes; the call atss_head makes (num_level_anchors
+  and featmap_sizes as keywords) gives the same; only-counts falls back to the dense path
+  with a warning."""
+  anchors, sizes, counts, per_loc = layout(name)
+  gt, labels, mask = random_scene(3, 12, LAYOUTS[name][0])
+  valid = make_valid(sizes, per_loc, (100, 150))
+  new = atss_assign(anchors, gt, labels, mask, sizes, valid=valid)
+  old = atss_assign(anchors, gt, labels, mask, num_level_anchors=counts, topk=9, valid=valid,
+                    featmap_sizes=sizes)
+  with pytest.warns(UserWarning, match='dense path'):
+    fallback = atss_assign(anchors, gt, labels, mask, num_level_anchors=counts, valid=valid)
+  dense = atss_assign_dense(anchors, gt, labels, mask, counts, valid=valid)
+  assert (np.asarray(new.gt_index) >= 0).sum() > 0
+  for out in (old, fallback, dense):
+    for a, b in zip(new, out):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

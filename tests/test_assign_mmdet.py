@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdet.assigners.atss import atss_assign
+from jaxdet.assigners.atss import atss_assign, atss_assign_dense
 
 pytestmark = pytest.mark.torch
 
@@ -78,9 +78,10 @@ def mmdet_assign(mmdet, gt, labels, rows, valid):
 
 @functools.lru_cache(maxsize=None)
 def jitted(sizes, grid):
-  counts = tuple(h * w for h, w in sizes)
-  return jax.jit(functools.partial(atss_assign, num_level_anchors=counts,
-                                   featmap_sizes=sizes if grid else None))
+  if grid:
+    return jax.jit(functools.partial(atss_assign, featmap_sizes=sizes))
+  return jax.jit(functools.partial(atss_assign_dense,
+                                   num_level_anchors=tuple(h * w for h, w in sizes)))
 
 
 @pytest.mark.parametrize('grid', [True, False], ids=['grid', 'dense'])
