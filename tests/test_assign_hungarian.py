@@ -1,22 +1,46 @@
-"""hungarian_match against scipy.optimize.linear_sum_assignment on the valid columns, and
-detr_match_cost against DETR's formula written out in numpy."""
+"""hungarian_match (every method) against scipy.optimize.linear_sum_assignment on the valid
+columns, and detr_match_cost against DETR's formula written out in numpy.
 
+Scipy's float64 optimum is the oracle: totals are compared for every case, indices only where
+the optimum is unique by construction. Few shapes, so few compiled programs: the device solver's
+while loops take seconds to compile on the shared CPU.
+"""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
 from jaxdet.assigners.hungarian import detr_match_cost, hungarian_match
 
-# Compiled once per shape and shared: the while loops of the solver take ~1.5 s to compile.
-match = jax.jit(hungarian_match)
-batched_match = jax.jit(jax.vmap(hungarian_match))
+METHODS = ('device', 'host', 'auto')
+BATCH = 24  # cases per bank: every case below for one (N, M)
 
 
-def check_optimal(cost, col_mask, row_to_col, col_to_row):
+def jitted(method, vmapped=False):
+  fn = lambda c, m: hungarian_match(c, m, method=method)
+  return jax.jit(jax.vmap(fn) if vmapped else fn)
+
+
+MATCH = {m: jitted(m) for m in METHODS}  # one jit per method: compiled once per shape
+VMAPPED = {m: jitted(m, vmapped=True) for m in METHODS}
+
+
+def f32_tolerance(cost, col_mask):
+  """What the float32 device solver keeps: its total is within a few float32 ulps of the largest
+  valid |cost| per matched pair of scipy's float64 optimum (module docstring of
+  hungarian_device.py). 1e-5 relative ~ 80 ulps: generous for reduced-cost rounding."""
+  valid = cost[:, col_mask]
+  scale = np.abs(valid).max() if valid.size else 0.
+  return 1e-5 * (1. + scale) * max(1, min(cost.shape[0], col_mask.sum()))
+
+
+def check_optimal(cost, col_mask, row_to_col, col_to_row, want_rows=None):
   """A valid matching of min(N, valid) pairs whose total equals scipy's on the valid columns."""
   row_to_col, col_to_row = np.asarray(row_to_col), np.asarray(col_to_row)
   num_rows, num_cols = cost.shape
+  assert row_to_col.shape == (num_rows,) and col_to_row.shape == (num_cols,)
+  assert row_to_col.dtype == np.int32 and col_to_row.dtype == np.int32
   valid_cols = np.flatnonzero(col_mask)
   matched = np.flatnonzero(row_to_col >= 0)
   assert len(matched) == min(num_rows, len(valid_cols))
@@ -26,51 +50,112 @@ def check_optimal(cost, col_mask, row_to_col, col_to_row):
   expected_col_to_row[row_to_col[matched]] = matched
   np.testing.assert_array_equal(col_to_row, expected_col_to_row)  # the two views agree
   total = cost[matched, row_to_col[matched]].astype(np.float64).sum()
+  want = 0.
   if len(valid_cols):
     rows, cols = linear_sum_assignment(cost[:, valid_cols].astype(np.float64))
     want = cost[:, valid_cols][rows, cols].astype(np.float64).sum()
-  else:
-    want = 0.
-  np.testing.assert_allclose(total, want, rtol=1e-5, atol=1e-4)
+  assert abs(total - want) <= f32_tolerance(cost, col_mask), (total, want)
+  if want_rows is not None:  # a unique optimum: the indices too
+    np.testing.assert_array_equal(col_to_row, want_rows)
 
 
-def random_masks(rng, batch, num_cols):
-  masks = rng.random((batch, num_cols)) < rng.uniform(0.2, 1., (batch, 1))
-  masks[0], masks[1] = True, False  # unpadded, all padded
-  masks[2, : num_cols // 2], masks[2, num_cols // 2:] = True, False  # padding at the end
-  return masks
+def case_bank(num_rows, num_cols, seed):
+  """BATCH named (cost, col_mask, garbage cost, unique col_to_row or None) cases of one shape.
+
+  ``garbage`` is ``cost`` with anything in the padded columns (NaN, -1e30, +inf): what the
+  matcher is given; ``cost`` is what the oracle sees (finite everywhere)."""
+  rng = np.random.default_rng(seed)
+  n, m = num_rows, num_cols
+  normal = lambda scale=1.: rng.normal(0, scale, (n, m))
+  some = lambda: rng.random(m) < rng.uniform(0.3, 1.)
+  everything = np.ones(m, bool)
+  cases = {
+      'random': (normal(), some()),
+      'negative': (rng.uniform(-1e4, -1e3, (n, m)), some()),
+      'mixed sign': (normal(1e3), some()),
+      'integer ties': (rng.integers(0, 3, (n, m)), everything),
+      'integer ties, masked': (rng.integers(0, 3, (n, m)), some()),
+      'all equal': (np.ones((n, m)), everything),
+      'all equal, masked': (np.full((n, m), -2.), some()),
+      'duplicated rows': (np.repeat(rng.normal(size=(1, m)), n, 0), everything),
+      'duplicated columns': (np.repeat(rng.normal(size=(n, 1)), m, 1), some()),
+      'duplicated rows and columns': (np.tile(rng.integers(0, 4, (2, 3)), (n, m))[:n, :m],
+                                      everything),
+      'more valid columns than rows': (normal(), np.arange(m) < n + 2),
+      'fewer valid columns than rows': (normal(), np.isin(np.arange(m), [1, m - 2])),
+      'zero valid columns': (normal(), np.zeros(m, bool)),
+      'one valid column': (normal(), np.arange(m) == m - 1),
+      'one valid column, garbage -1e30': (normal(), np.arange(m) == 0),
+      '1e6 large': (1e6 + rng.integers(0, 1000, (n, m)), some()),
+      '1e-6 scale': (normal(1e-6), everything),
+      'float32 wide range': (rng.uniform(-1e3, 1e3, (n, m)) * rng.uniform(0, 1, (n, 1)), some()),
+      'padding at the end': (normal(), np.arange(m) < m // 2),
+      'padding +inf': (normal(), some()),
+  }
+  out = [(name, np.float32(c), mask, None) for name, (c, mask) in cases.items()]
+  # Unique optima 1e-6 apart at 1: pairs of sigma cost 1 - 1e-6, all others 1 + 1e-6 * (0..5).
+  for k in range(BATCH - len(out)):
+    mask = some() if k % 2 else everything
+    cost = np.float32(1 + 1e-6 * rng.integers(0, 6, (n, m)))
+    valid = rng.permutation(np.flatnonzero(mask))
+    pairs = min(n, len(valid))
+    want = np.full(m, -1, np.int32)
+    want[valid[:pairs]] = rng.permutation(n)[:pairs]
+    cost[want[valid[:pairs]], valid[:pairs]] = np.float32(1 - 1e-6)
+    out.append((f'unique 1e-6 apart {k}', cost, mask, want))
+  fills = {'one valid column, garbage -1e30': -1e30, 'padding +inf': np.inf}
+  return [(name, cost, mask, np.where(mask, cost, np.float32(fills.get(name, np.nan))), want)
+          for name, cost, mask, want in out]
 
 
-@pytest.mark.parametrize('shape', [(6, 9), (9, 6), (7, 7)])
-def test_random_costs_with_masks_equal_scipy(shape):
-  rng = np.random.default_rng(shape[0] * 100 + shape[1])
-  batch = 12
-  cost = rng.normal(0, 3, (batch,) + shape).astype(np.float32)
-  cost[3:6] = rng.integers(0, 3, (3,) + shape)  # many ties
-  cost[6:8] = rng.uniform(1e3, 1e4, (2,) + shape)  # large positive costs
-  cost[8:10] = rng.uniform(-1e4, -1e3, (2,) + shape)  # all negative (DETR costs can be)
-  masks = random_masks(rng, batch, shape[1])
-  garbage = np.where(masks[:, None, :], cost, np.float32(np.nan))
-  garbage[10][:, ~masks[10]] = -1e30  # padding that would win if it counted
-  for b in range(batch):
-    check_optimal(cost[b], masks[b], *match(garbage[b], masks[b]))
+def stack(bank):
+  return (np.stack([c[3] for c in bank]), np.stack([c[2] for c in bank]))
 
 
-def test_vmap_equals_per_item_and_no_mask_means_all_valid():
-  rng = np.random.default_rng(0)
-  cost = rng.normal(size=(6, 6, 9)).astype(np.float32)
-  masks = random_masks(rng, 6, 9)
-  batched = batched_match(cost, masks)
-  for b in range(6):
-    one = match(cost[b], masks[b])
-    np.testing.assert_array_equal(batched[0][b], one[0])
-    np.testing.assert_array_equal(batched[1][b], one[1])
-    check_optimal(cost[b], masks[b], batched[0][b], batched[1][b])
-  unmasked = match(cost[0])
-  np.testing.assert_array_equal(unmasked[0], batched[0][0])  # masks[0] is all True
+@pytest.fixture(scope='module', params=[(6, 9), (9, 6)], ids=['N<M', 'N>M'])
+def bank(request):
+  return case_bank(*request.param, seed=request.param[0])
 
 
-def test_hand_worked():
+@pytest.mark.parametrize('method', METHODS)
+def test_every_case_batched_and_vmapped_equals_scipy(bank, method):
+  garbage, masks = stack(bank)
+  batched = MATCH[method](garbage, masks)
+  for b, (name, cost, mask, _, want) in enumerate(bank):
+    try:
+      check_optimal(cost, mask, batched[0][b], batched[1][b], want)
+    except AssertionError as e:
+      raise AssertionError(f'{method} {name}: {e}') from e
+  # Two leading axes, one of them vmapped: the same results problem by problem.
+  half = garbage.shape[0] // 2
+  nested = VMAPPED[method](garbage.reshape((2, half) + garbage.shape[1:]),
+                           masks.reshape(2, half, -1))
+  for got, want in zip(nested, batched):
+    np.testing.assert_array_equal(np.asarray(got).reshape(want.shape), want)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_unbatched_and_broadcast_mask(method):
+  bank = case_bank(9, 6, seed=9)  # the unbatched (9, 6) program also serves the DETR test below
+  for name, cost, mask, garbage, want in bank[:8] + bank[11:15] + bank[-2:]:
+    try:
+      check_optimal(cost, mask, *MATCH[method](garbage, mask), want)
+    except AssertionError as e:
+      raise AssertionError(f'{method} {name}: {e}') from e
+  # One (M,) mask for a batch with two leading axes; no mask means every column.
+  cost = np.stack([c[1] for c in bank[:6]]).reshape(2, 3, 9, 6)
+  mask = bank[0][2]
+  row_to_col, col_to_row = hungarian_match(cost, mask, method=method)
+  assert row_to_col.shape == (2, 3, 9) and col_to_row.shape == (2, 3, 6)
+  for idx in np.ndindex(2, 3):
+    check_optimal(cost[idx], mask, row_to_col[idx], col_to_row[idx])
+  unmasked = hungarian_match(cost[0, 0], method=method)
+  check_optimal(cost[0, 0], np.ones(6, bool), *unmasked)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_hand_worked(method):
+  match = lambda c, m: hungarian_match(c, m, method=method)
   # Row 0 prefers column 1 (cost 0) but column 1 is padding: it must take column 2.
   cost = np.float32([[5., 0., 1.], [2., 0., 9.]])
   row_to_col, col_to_row = match(cost, np.array([True, False, True]))
@@ -86,14 +171,50 @@ def test_hand_worked():
   np.testing.assert_array_equal(col_to_row, [1, -1])
 
 
-def test_empty_and_bad_shapes():
-  row_to_col, col_to_row = hungarian_match(np.zeros((3, 0), np.float32))
-  np.testing.assert_array_equal(row_to_col, [-1, -1, -1])
-  assert col_to_row.shape == (0,)
+@pytest.mark.parametrize('method', METHODS)
+def test_no_gradient_through_matching(method):
+  """The loss's gradient is the indicator of the matched pairs: the matching is a constant."""
+  rng = np.random.default_rng(3)
+  cost, mask = np.float32(rng.normal(size=(9, 6))), np.arange(6) < 4
+
+  def matched_cost(c):
+    row_to_col, _ = hungarian_match(c, mask, method=method)
+    return jnp.where(row_to_col >= 0, jnp.take_along_axis(
+        c, jnp.maximum(row_to_col, 0)[:, None], 1)[:, 0], 0.).sum()
+
+  grad = np.asarray(jax.jit(jax.grad(matched_cost))(cost))
+  row_to_col = np.asarray(hungarian_match(cost, mask, method=method)[0])
+  want = np.zeros_like(cost)
+  want[np.flatnonzero(row_to_col >= 0), row_to_col[row_to_col >= 0]] = 1.
+  np.testing.assert_array_equal(grad, want)
+
+
+@pytest.mark.parametrize('method', ('host', 'auto'))
+def test_pmap(method):
+  """The host callback inside pmap (one process, every local CPU device)."""
+  rng = np.random.default_rng(4)
+  n = jax.local_device_count()
+  cost, mask = np.float32(rng.normal(size=(n, 2, 9, 6))), rng.random((n, 2, 6)) < 0.7
+  row_to_col, col_to_row = jax.pmap(lambda c, m: hungarian_match(c, m, method=method))(cost, mask)
+  for idx in np.ndindex(n, 2):
+    check_optimal(cost[idx], mask[idx], row_to_col[idx], col_to_row[idx])
+
+
+def test_empty_and_bad_inputs():
+  for method in METHODS:
+    row_to_col, col_to_row = hungarian_match(np.zeros((2, 3, 0), np.float32), method=method)
+    np.testing.assert_array_equal(row_to_col, -np.ones((2, 3)))
+    assert col_to_row.shape == (2, 0)
+    row_to_col, col_to_row = hungarian_match(np.zeros((0, 4), np.float32), method=method)
+    assert row_to_col.shape == (0,) and col_to_row.shape == (4,)
   with pytest.raises(ValueError, match='cost'):
     hungarian_match(np.zeros(3, np.float32))
   with pytest.raises(ValueError, match='col_mask'):
     hungarian_match(np.zeros((2, 3), np.float32), np.ones(2, bool))
+  with pytest.raises(ValueError, match='col_mask'):
+    hungarian_match(np.zeros((4, 2, 3), np.float32), np.ones((3, 3), bool))
+  with pytest.raises(ValueError, match='method'):
+    hungarian_match(np.zeros((2, 3), np.float32), method='optax')
 
 
 # ----------------------------------------------------------------------------- DETR cost
@@ -133,8 +254,10 @@ def test_detr_match_cost_equals_formula_and_matches_scipy():
   cost = np.asarray(jax.jit(detr_match_cost)(logits, pred, labels, gt))
   np.testing.assert_allclose(cost, ref_detr_cost(logits, pred, labels, gt), rtol=1e-5, atol=1e-5)
   weighted = jax.jit(detr_match_cost)(logits, pred, labels, gt, class_weight=2., bbox_weight=1.,
-                             giou_weight=0.5)
+                                      giou_weight=0.5)
   np.testing.assert_allclose(weighted, ref_detr_cost(logits, pred, labels, gt, 2., 1., 0.5),
                              rtol=1e-5, atol=1e-5)
   mask = np.array([True, True, False, True, False, True])
-  check_optimal(cost, mask, *match(cost, mask))
+  for method in METHODS:
+    check_optimal(cost, mask, *MATCH[method](cost, mask))
+  check_optimal(cost, mask, *hungarian_match(cost, mask))  # the default, outside jit
