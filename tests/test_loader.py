@@ -213,6 +213,7 @@ def test_eval_covers_every_image_once_with_masked_padding():
   c = _config()
   c.val.samples_per_gpu = 3
   c.pipeline.size_divisor = 1  # eval buckets (40, 64) and (64, 40) as well
+  c.test_padding = "buckets"
   ev = L.build_eval_loader(c, src, num_devices=1, process_index=0, process_count=1)
   assert ev.shapes == [(1, 3, 40, 64, 3), (1, 3, 64, 40, 3)]
   ids, order = [], []

@@ -131,3 +131,24 @@ def test_detr_pipeline_matches_mmdet(mm):
   for seed in range(12):
     out, ref = _run_both(mm, mine, theirs, _record(seed, h=48, w=64), seed)
     _check(out, ref, img_atol=0, meta=False)
+
+
+def test_exact_test_shapes_are_mmdets_padded_batch_shapes(mm):
+  """mmdet's test Resize (1333, 800) then DetDataPreprocessor(pad_size_divisor=32) on one image:
+  the batch input shape is `exact_test_shapes`'s, for landscape, portrait and extreme images."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from mmdet.models.data_preprocessors import DetDataPreprocessor  # pylint: disable=import-outside-toplevel
+  from mmdet.structures import DetDataSample  # pylint: disable=import-outside-toplevel
+  pre = DetDataPreprocessor(pad_size_divisor=32)
+  resize = mm["mt"].Resize(scale=(1333, 800), keep_ratio=True)
+  sizes = [(800, 1216), (608, 1000), (480, 1000), (1000, 700), (427, 640), (375, 500), (50, 900),
+           (900, 50), (333, 333), (1200, 1800)]
+  got = T.exact_test_shapes(T.eval_resize(dict(kind="standard"), (1333, 800)), 32,
+                            [h for h, _ in sizes], [w for _, w in sizes])
+  for (h, w), shape in zip(sizes, got):
+    img = resize(dict(img=np.zeros((h, w, 3), np.uint8)))["img"]
+    sample = DetDataSample(metainfo=dict(img_shape=img.shape[:2]))
+    batch = pre(dict(inputs=[torch.from_numpy(img.transpose(2, 0, 1).copy())],
+                     data_samples=[sample]), training=False)
+    assert tuple(batch["inputs"].shape[2:]) == tuple(shape), (h, w)
+    assert tuple(batch["data_samples"][0].batch_input_shape) == tuple(shape)

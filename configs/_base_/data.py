@@ -29,8 +29,12 @@ def get_config():
   data.max_gt = 100                    # gt rows per image; extra targets are dropped and counted
   data.skip_bad_images = False
   data.img_scale = (1333, 800)         # (w, h): long side <= 1333, short side <= 800
-  data.buckets = ()                    # padded (H, W) batch shapes; () = landscape + portrait
-                                       # fitting img_scale, e.g. (800, 1344) and (1344, 800)
+  data.buckets = ()                    # padded (H, W) training batch shapes; () = landscape +
+                                       # portrait fitting img_scale: (800, 1344), (1344, 800)
+  data.test_padding = 'exact'          # evaluation / inference: 'exact' pads each image to a
+                                       # multiple of size_divisor as mmdetection does (one
+                                       # program per padded shape, 83 at most for (1333, 800));
+                                       # 'buckets' pads into data.buckets like training
 
   data.pipeline = dict(
       kind='standard',                 # 'standard' | 'ssd' | 'detr'

@@ -3,10 +3,14 @@
 Files: `index` (record sizes before decoding), `batch` (one batch; grain plumbing),
 `train_loader`, `eval_loader`, `build` (loaders from ``config.data``).
 
-``jit`` compiles one program per input shape, so every batch is padded into one of a few
-*buckets* (`jaxdet.data.transforms.bucket_shapes`: landscape and portrait at the config's
-scale, multiples of ``size_divisor``) and a batch holds images of a single bucket. A training
-batch is a dict of numpy arrays with a leading device axis::
+``jit`` compiles one program per input shape, so every training batch is padded into one of a
+few *buckets* (`jaxdet.data.transforms.bucket_shapes`: landscape and portrait at the config's
+scale, multiples of ``size_divisor``) and a batch holds images of a single bucket. Evaluation
+batches (``data.test_padding='exact'``, the default) hold images of one *exact* padded shape:
+each image's resized size rounded up to ``size_divisor``, as mmdetection pads test images, so
+that converted models give mmdetection's detections (`eval_shapes`: the shapes follow from the
+annotation file's image sizes; each is compiled once). A batch is a dict of numpy arrays with
+a leading device axis::
 
   image        (D, B, H, W, 3) uint8 RGB, zero-padded at the bottom/right
   gt_boxes     (D, B, G, 4) float32 xyxy input pixels   (G = data.max_gt; padding rows 0)
@@ -33,7 +37,8 @@ grain interleaves them in order).
 
 # pylint: disable=unused-import
 from jaxdet.data.loader.batch import BatchMaker, batch_rng, check_positive, grain_iterator
-from jaxdet.data.loader.build import build_eval_loader, build_train_loader, count_programs
+from jaxdet.data.loader.build import (TEST_PADDING, build_eval_loader, build_train_loader,
+                                      count_programs, eval_shapes)
 from jaxdet.data.loader.eval_loader import EvalBatches, EvalLoader
 from jaxdet.data.loader.index import IndexInfo, index_info
 from jaxdet.data.loader.train_loader import (STATE_VERSION, TrainBatches, TrainIterator,

@@ -92,7 +92,7 @@ class TrainLoader:
                drop_empty=True, num_epochs=None, process_index=0, process_count=1,
                image_dtype=np.uint8, info=None):
     check_positive(samples_per_gpu=samples_per_gpu, num_devices=num_devices, max_gt=max_gt,
-                    process_count=process_count)
+                   process_count=process_count)
     if num_workers < 0:
       raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not buckets:
@@ -108,11 +108,11 @@ class TrainLoader:
     self.per_process = num_devices * samples_per_gpu
     self.global_batch = self.per_process * process_count
     self.schedule = TrainSchedule(bucket_of, valid, self.global_batch, seed,
-                                   len(self.buckets))
+                                  len(self.buckets))
     self.maker = BatchMaker(source, transform, buckets=self.buckets, num_devices=num_devices,
-                             per_device=samples_per_gpu, max_gt=max_gt,
-                             size_divisor=size_divisor, min_box_size=min_box_size, seed=seed,
-                             image_dtype=image_dtype, train=True)
+                            per_device=samples_per_gpu, max_gt=max_gt,
+                            size_divisor=size_divisor, min_box_size=min_box_size, seed=seed,
+                            image_dtype=image_dtype, train=True)
     self.seed, self.num_workers, self.prefetch = seed, num_workers, prefetch
     self.num_devices, self.samples_per_gpu = num_devices, samples_per_gpu
     self.process_index = process_index
@@ -139,7 +139,7 @@ class TrainLoader:
   def batch(self, j):
     """Batch ``j`` of the stream, computed directly (no workers)."""
     return TrainBatches(self.schedule, self.maker, self.length, self.process_index,
-                         self.per_process)[j]
+                        self.per_process)[j]
 
   def iterator(self, state=None):
     """A `TrainIterator` from the start, or from a state saved by ``get_state()``."""

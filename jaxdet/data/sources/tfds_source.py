@@ -188,7 +188,7 @@ class TfdsSource:
                                   iscrowd=int(t['crowd'][k])))
       categories = [dict(id=c, name=n) for c, n in zip(self.cat_ids, self.class_names)]
       self._coco = coco_from_dict(dict(images=images, annotations=annotations,
-                                    categories=categories))
+                                       categories=categories))
     return self._coco
 
   def __getstate__(self):

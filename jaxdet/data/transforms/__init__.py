@@ -33,14 +33,15 @@ which pads after normalising.
 
 # pylint: disable=unused-import
 from jaxdet.data.transforms.build import (CAFFE_NORM, PYTORCH_NORM, build_test_transform,
-                                          build_train_transform)
+                                          build_train_transform, eval_resize)
 from jaxdet.data.transforms.compose import Compose, RandomChoice
 from jaxdet.data.transforms.detr import RandomCrop, detr_scales
 from jaxdet.data.transforms.geometric import (RandomChoiceResize, RandomFlip, Resize, crop,
                                               flip_horizontal, rescale_size, resize_image,
                                               resize_to)
-from jaxdet.data.transforms.padding import (bucket_shapes, ceil_to, choose_bucket, fit_into,
-                                            pad_to_multiple)
+from jaxdet.data.transforms.padding import (bucket_shapes, ceil_to, choose_bucket,
+                                            exact_test_shapes, fit_into, pad_to_multiple,
+                                            possible_test_shapes)
 from jaxdet.data.transforms.photometric import PhotoMetricDistortion, hsv_to_rgb, rgb_to_hsv
 from jaxdet.data.transforms.sample import (make_sample, sample_meta, scale_affine, select_boxes,
                                            shift_affine, training_targets)

@@ -52,10 +52,16 @@ def build_train_transform(pipeline, img_scale):
   raise ValueError(f"data.pipeline.kind must be 'standard', 'ssd' or 'detr', got {kind!r}")
 
 
-def build_test_transform(pipeline, img_scale):
-  """Test-time chain: one Resize to ``img_scale`` (keep-ratio unless ``kind == 'ssd'``)."""
+def eval_resize(pipeline, img_scale):
+  """The test-time `Resize` to ``img_scale``: keep-ratio unless ``kind == 'ssd'`` (or
+  ``keep_ratio`` is False)."""
   kind = pipeline.get("kind", "standard")
   if kind not in ("standard", "ssd", "detr"):
     raise ValueError(f"data.pipeline.kind must be 'standard', 'ssd' or 'detr', got {kind!r}")
   keep_ratio = kind != "ssd" and pipeline.get("keep_ratio", True)
-  return Compose([Resize(img_scale, keep_ratio, pipeline.get("resize_backend", "pillow"))])
+  return Resize(img_scale, keep_ratio, pipeline.get("resize_backend", "pillow"))
+
+
+def build_test_transform(pipeline, img_scale):
+  """Test-time chain: one Resize to ``img_scale`` (`eval_resize`)."""
+  return Compose([eval_resize(pipeline, img_scale)])

@@ -1,5 +1,14 @@
 """Static shapes: the padded (H, W) buckets of a run, the bucket of an image, padding to a
-multiple of the size divisor, and shrinking an image that would not fit its bucket."""
+multiple of the size divisor, and shrinking an image that would not fit its bucket.
+
+Two ways to pad test images (``data.test_padding``):
+  'exact':   as mmdetection pads them (``DetDataPreprocessor(pad_size_divisor)`` with one image
+             per batch): each image to the multiple of ``size_divisor`` above its resized size,
+             `exact_test_shapes`; a batch then holds images of one such shape only.
+  'buckets': into the run's few `bucket_shapes`, like training (fewer programs to compile, but
+             a model with GroupNorm in its head, or any statistic over the padded map, gives
+             other outputs than mmdetection's for images that do not fill their bucket).
+"""
 import math
 
 import numpy as np
@@ -65,3 +74,30 @@ def choose_bucket(h, w, buckets):
     return 0
   r = math.log(w / h)
   return int(np.argmin([abs(math.log(bw / bh) - r) for bh, bw in buckets]))
+
+
+def exact_test_shapes(resize, divisor, heights, widths):
+  """(N, 2) int64 padded (H, W) of (h, w) images at test time, as mmdetection pads them: the
+  size ``resize`` (a `Resize`) gives each, rounded up to a multiple of ``divisor``. Needs only
+  the original sizes (e.g. an annotation file's), not the images."""
+  out = np.zeros((len(heights), 2), np.int64)
+  for i, (h, w) in enumerate(zip(heights, widths)):
+    nh, nw = resize.output_size(int(h), int(w))
+    out[i] = ceil_to(nh, divisor), ceil_to(nw, divisor)
+  return out
+
+
+def possible_test_shapes(resize, divisor):
+  """Every padded (H, W) that `exact_test_shapes` can give with this ``resize``, sorted.
+
+  Keep-ratio resizing to (long, short) leaves the short side at ``short`` or the long side at
+  ``long``, so landscape images pad to (ceil(short), W) with W up to ceil(long), or to
+  (H, ceil(long)) with H up to ceil(short); portrait ones to the transposes. A fixed-size
+  resize (SSD) gives one shape.
+  """
+  if not resize.keep_ratio:
+    return [(ceil_to(resize.scale[1], divisor), ceil_to(resize.scale[0], divisor))]
+  short, long_ = ceil_to(min(resize.scale), divisor), ceil_to(max(resize.scale), divisor)
+  land = {(short, w) for w in range(short, long_ + 1, divisor)}
+  land |= {(h, long_) for h in range(divisor, short + 1, divisor)}
+  return sorted(land | {(w, h) for h, w in land})
