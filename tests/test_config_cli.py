@@ -11,6 +11,7 @@ from jaxdet.engine.config_cli import ConfigError
 from jaxdet.engine.config_cli import load_config
 from jaxdet.engine.config_cli import parse_args
 from jaxdet.engine.config_cli import save_config
+from jaxdet.engine.config_cli import Usage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,3 +224,68 @@ def test_entry_point_one_line_error(config_path):
   assert missing.returncode == 2
   lines = missing.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: config file not found:')
+
+
+USAGE = Usage(command='python -m tool', summary='Does a thing to a checkpoint.',
+              flags=(('--checkpoint DIR', 'a work_dir or a step folder', True),
+                     ('--out FILE', 'where the result goes')),
+              more='README.md "Tool".')
+
+
+def test_usage_text_names_every_flag_once_with_its_meaning():
+  assert USAGE.text(width=60).splitlines()[:3] == ['usage: python -m tool --config CONFIG.py[:ARG]',
+                       '           --checkpoint DIR [--out FILE]',
+                       '           [--config.KEY=VALUE ...]']
+  lines = USAGE.text().splitlines()
+  for flag, meaning in [('--config CONFIG.py[:ARG]', 'the config file'),
+                        ('--checkpoint DIR', 'a work_dir or a step folder (required)'),
+                        ('--out FILE', 'where the result goes'),
+                        ('--config.KEY=VALUE', 'set one config key'),
+                        ('--print-config', 'print the resolved config'),
+                        ('-h, --help', 'this help')]:
+    row = [l for l in lines[lines.index('flags:'):] if l.startswith('  ' + flag)]
+    assert len(row) == 1 and meaning in row[0], (flag, row)
+  assert lines[-1] == 'more: README.md "Tool".'
+  assert 'Does a thing to a checkpoint.' in lines
+
+
+def _exit(capsys, argv, **kw):
+  with pytest.raises(SystemExit) as e:
+    parse_args(argv, known_flags=('checkpoint', 'out'), usage=USAGE, **kw)
+  assert e.value.code in (0, None)
+  return capsys.readouterr().out
+
+
+def test_help_and_print_config_exit_zero_before_other_checks(capsys, config_path):
+  out = _exit(capsys, ['-h'])
+  assert out.startswith('usage: python -m tool') and '# resolved config' not in out
+  assert _exit(capsys, ['--help', '--out', 'x']) == out
+  out = _exit(capsys, ['--config', config_path + ':smoke', '--config.optimizer.base_lr=0.5',
+                       '--help'])
+  assert out.startswith('usage: python -m tool')
+  config = out[out.index('# resolved config'):].splitlines()
+  assert config[0] == f'# resolved config: {config_path}:smoke + 1 override(s)'
+  assert 'optimizer.base_lr = 0.5' in config and 'model.backbone.depth = 18' in config
+  assert 'data.img_scale = (256, 192)' in config and 'max_steps = None' in config
+  # Every leaf once, each line an override that load_config accepts.
+  leaves = [l.split(' = ')[0] for l in config[1:]]
+  assert len(leaves) == len(set(leaves)) == 16
+  printed = _exit(capsys, ['--config', config_path, '--print-config'])
+  assert printed.startswith(f'# resolved config: {config_path}\n')
+  reloaded = load_config(config_path, [f"--config.{l.replace(' = ', '=', 1)}"
+                                       for l in printed.splitlines()[1:]])
+  assert reloaded == load_config(config_path)
+
+
+def test_help_with_a_bad_config_is_the_training_error(capsys, config_path):
+  with pytest.raises(ConfigError) as e:
+    parse_args(['--config', config_path, '--config.optimizer.base_lrr=1', '--help'],
+               usage=USAGE)
+  with pytest.raises(ConfigError) as same:
+    load_config(config_path, ['--config.optimizer.base_lrr=1'])
+  assert str(e.value) == str(same.value)
+  with pytest.raises(ConfigError, match='--print-config needs --config'):
+    parse_args(['--print-config'], usage=USAGE)
+  with pytest.raises(ConfigError, match="unknown flag '--outt'"):
+    parse_args(['--outt', 'x', '--help'], known_flags=('out',), usage=USAGE)
+  assert capsys.readouterr().out == ''

@@ -43,6 +43,8 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from jaxdet.engine.config_help import Usage, format_config  # noqa: F401  (Usage: for entry points)
+
 _SPEC = re.compile(r'^(?P<path>.+?\.py)(?::(?P<arg>.*))?$')
 _TRUE = ('true', 'yes', 'y', 'on', '1')
 _FALSE = ('false', 'no', 'n', 'off', '0')
@@ -281,7 +283,8 @@ def _json_default(value):
 # ------------------------------------------------------------------------------------ entry points
 
 def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None, *,
-               bool_flags: Sequence[str] = (), positional: str | None = None):
+               bool_flags: Sequence[str] = (), positional: str | None = None,
+               usage: Usage | None = None):
   """Splits an entry point's arguments into `(spec, overrides, other_flags)`.
 
   `argv` (without the program name), e.g.
@@ -295,10 +298,18 @@ def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None, *,
   True; '--name=false' etc. is read as a bool). `positional`: when given, arguments that are
   not flags (and everything after '--') are collected in order as `flags[positional]` (a list,
   possibly empty) instead of being an error.
+
+  `usage` (a `Usage`, see config_help.py): the entry point's help. '-h' / '--help' then print it
+  (and, with --config, the resolved config after the overrides) and '--print-config' prints the
+  resolved config; both exit 0 (SystemExit) before any other check of the flags. A bad config
+  or override is the usual one-line ConfigError.
   """
   spec, overrides, flags = None, [], {}
   argv, i = list(argv), 0
-  bool_flags = {f.replace('-', '_') for f in bool_flags}
+  bool_flags = {f.replace('-', '_') for f in bool_flags} | {'help'}
+  if usage is not None:
+    bool_flags.add('print_config')
+    known_flags = None if known_flags is None else tuple(known_flags) + ('print_config',)
   rest = [] if positional else None
 
   def takes_value(j):
@@ -318,7 +329,7 @@ def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None, *,
       i += 1
       continue
     name, eq, value = item[2:].partition('=')
-    is_bool = name.replace('-', '_') in bool_flags or (rest is not None and name == 'help')
+    is_bool = name.replace('-', '_') in bool_flags
     if not eq:
       if takes_value(i + 1) and not is_bool:
         value, i = argv[i + 1], i + 2
@@ -347,9 +358,28 @@ def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None, *,
       flags[flag] = True if value is None else value
   if rest is not None:
     flags[positional] = rest
-  if spec is None and not flags.get('help'):
+  if usage is not None and (flags.get('help') or flags.get('print_config')):
+    _print_help(usage, spec, overrides, flags)
+    raise SystemExit(0)
+  if spec is None and not flags.get('help') and (usage is None or usage.config == 'required'):
     raise ConfigError('missing --config path/to/config.py[:arg]')
   return spec, overrides, flags
+
+
+def _print_help(usage, spec, overrides, flags):
+  """-h / --help: the usage, then (with --config) the resolved config; --print-config: the
+  resolved config alone."""
+  if flags.get('print_config') and spec is None:
+    raise ConfigError('--print-config needs --config path/to/config.py[:arg]')
+  config = None if spec is None else load_config(spec, overrides)  # errors before any output
+  if flags.get('help'):
+    print(usage.text())
+    if config is not None:
+      print()
+  if config is not None:
+    count = f' + {len(overrides)} override(s)' if overrides else ''
+    print(format_config(config, f'# resolved config: {spec}{count}'))
+  sys.stdout.flush()
 
 
 def main_error_exit(fn, *args, errors=(ValueError,), **kwargs):
