@@ -15,7 +15,8 @@ conversion is strict -- every tensor of the file is used (BN's `num_batches_trac
 every parameter and BN statistic of the config's detector is filled, with its shape; anything else
 is an error naming the tensors and both shapes (e.g. `num_classes`, depth or FPN extra-conv
 mode differing). Converted: `backbone.*` (ResNet, pytorch or caffe style), `neck.*` (FPN) and
-`bbox_head.*` of the heads in `jaxdet.models.weights.MMDET_HEADS` (ATSS, RetinaNet, FCOS).
+`bbox_head.*` of every registered head with PyTorch names (`Head.torch_names`: ATSS, RetinaNet,
+FCOS).
 `--out`: a new (or empty) folder; the checkpoint is its step 0 (`ckpt.load_params(DIR)`).
 
 For mmdetection's numbers, evaluate with the data settings of the mmdetection config: the same
@@ -26,7 +27,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdet.engine import checkpoint as ckpt
@@ -38,8 +38,7 @@ from jaxdet.models.detectors import build_detector
 def model_shapes(model_cfg):
   """The detector's `{'params', 'batch_stats'}` as ShapeDtypeStructs (no weights allocated)."""
   detector = build_detector(model_cfg)
-  image = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
-  shapes = jax.eval_shape(detector.module.init, jax.random.key(0), image)
+  shapes = jax.eval_shape(detector.init, jax.random.key(0), (1, 256, 256, 3))
   return {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
 
 
@@ -54,7 +53,7 @@ def convert_mmdet_checkpoint(config, in_path, out_dir, *, config_name=''):
     raise ValueError(f'--out {out_dir} exists and is not an empty folder')
   state = weights.read_torch_checkpoint(in_path)
   target = model_shapes(config.model)
-  variables, skipped = weights.convert_mmdet(state, config.model.type, target, what=in_path)
+  variables, skipped = weights.convert_mmdet(state, config.model, target, what=in_path)
   with ckpt.Checkpointer(out_dir, max_to_keep=1) as checkpointer:
     checkpointer.save(0, variables, data_state={},
                       extra=dict(converted_from=os.path.abspath(in_path), format='mmdetection',

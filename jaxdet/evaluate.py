@@ -16,11 +16,10 @@ from jaxdet.data import loader as data_loader
 from jaxdet.data.sources import build_source, check_num_classes
 from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
-from jaxdet.models.detectors import build_detector, compute_dtype
 from jaxdet.engine.steps import AXIS, predict_step
 from jaxdet.engine.train_state import replicate
 from jaxdet.inference import check_variables
-from jaxdet.train import evaluate
+from jaxdet.models.detectors import build_detector, compute_dtype
 
 
 checkpoint_dir = ckpt.resolve_checkpoint   # (directory, step) of a work_dir / checkpoints / step
@@ -44,7 +43,7 @@ def main(argv=None):
                                          dtype=compute_dtype(config.dtype)), axis_name=AXIS)
   state = replicate(dict(params=variables['params'],
                          batch_stats=variables.get('batch_stats', {})))
-  metrics = evaluate(p_predict, state, eval_loader, source)
+  metrics = evaluation.evaluate_loader(p_predict, state, eval_loader, source)
   if flags.get('out'):
     import json  # pylint: disable=import-outside-toplevel
     with open(flags['out'], 'w') as f:

@@ -12,8 +12,11 @@ truth). pycocotools reports -1 for an area range without ground truth; that is k
 """
 import contextlib
 import io
+import json
 import math
+import os
 
+import jax
 import numpy as np
 
 from jaxdet.data.sources import DataError, _quiet_coco, _read_coco_json
@@ -184,3 +187,35 @@ def format_results_table(rows):
   for row in rows:
     lines.append('| ' + ' | '.join(_cell(c, row.get(c)) for c in TABLE_COLUMNS) + ' |')
   return '\n'.join(lines)
+
+
+def evaluate_loader(p_predict, state, eval_loader, source, *, work_dir=None, tag=None):
+  """COCO box AP of a model on every image of `source`, batch by batch from `eval_loader`.
+
+  `p_predict(state, batch)` is the pmapped `jaxdet.engine.steps.predict_step` (Predictions with
+  leading (devices, images) axes); padding images (image_valid False) are dropped; with several
+  processes every process gathers all detections. With `work_dir` and `tag` process 0 also writes
+  `work_dir/detections_{tag}.json` (atomically). Returns `coco_evaluate`'s metrics.
+  """
+  results = []
+  flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])
+  for batch in eval_loader:
+    pred = jax.device_get(p_predict(state, batch))
+    ids, mask = batch['image_id'], batch['image_valid']
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      pred, ids, mask = multihost_utils.process_allgather((pred, ids, mask), tiled=True)
+    results += predictions_to_coco_results(
+        flat(pred.boxes), flat(pred.scores), flat(pred.labels), flat(pred.valid), flat(ids),
+        source.cat_ids, image_mask=flat(mask))
+  if work_dir and tag and jax.process_index() == 0:
+    write_json_atomic(os.path.join(work_dir, f'detections_{tag}.json'), results)
+  return coco_evaluate(results, source.coco, img_ids=list(source.image_ids))
+
+
+def write_json_atomic(path, obj):
+  """Writes `obj` as JSON to `path` through a temporary file (never half-written)."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)

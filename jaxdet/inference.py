@@ -58,8 +58,7 @@ class Detections:
 def check_variables(detector, variables, image_shape, *, what='the checkpoint'):
   """Raises a one-line ValueError naming `what` unless `variables` fit `detector.module` (the
   same leaves and shapes as its initialisation for images of `image_shape` (B, H, W, 3))."""
-  image = jax.ShapeDtypeStruct(tuple(image_shape), np.float32)
-  expected = jax.eval_shape(detector.module.init, jax.random.key(0), image)
+  expected = jax.eval_shape(detector.init, jax.random.key(0), tuple(image_shape))
   expected = {k: v for k, v in expected.items() if k in ('params', 'batch_stats')}
   diff = ckpt.diff_variables(expected, {k: variables.get(k, {}) for k in expected})
   if any(diff.values()):

@@ -29,6 +29,12 @@ EPS_F32 = float(jnp.finfo(jnp.float32).eps)
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def mean_over_devices(x, axis_name):
+  """mmdetection's ``reduce_mean``: the mean of ``x`` over the device axis ``axis_name`` (the
+  identity for None, one device). The only place where losses see the device axis."""
+  return jax.lax.pmean(x, axis_name) if axis_name is not None else x
+
+
 def reduce_loss(loss, weights=None, *, reduction="mean", avg_factor=None):
   """Weight an element-wise ``loss`` and reduce it (mmdetection's ``weight_reduce_loss``)."""
   if reduction not in REDUCTIONS:

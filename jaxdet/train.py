@@ -2,8 +2,11 @@
 
   python -m jaxdet.train --config configs/atss.py:smoke [--workdir DIR] [--config.KEY=VALUE ...]
 
-Reads top to bottom: `create_train_state`, `evaluate`, then `train_and_evaluate`, the loop; the
-jitted steps are in `jaxdet.engine.steps`. `jax.pmap` spreads each batch over the local devices (axis
+Reads top to bottom: `build_data` (sources and loaders), `create_state` (init, pretrained
+weights, resume or `load_from`), `compile_steps` (the pmapped steps of `jaxdet.engine.steps`),
+then `train_and_evaluate`, the loop, whose pieces each fit on a screen: `log_train_metrics`
+(log line, NaN stop), `end_of_epoch` (mmdetection's val phase, checkpoint, COCO evaluation via
+`jaxdet.evaluation.evaluate_loader`). `jax.pmap` spreads each batch over the local devices (axis
 name 'batch'); the model and its loss only see that name, for their cross-device means.
 Running the same command again with the same work_dir resumes from its last checkpoint (with
 another global batch, e.g. on another device count, at the same point of the same epoch: see
@@ -20,12 +23,13 @@ SLURM or Open MPI it finds the coordinator itself; elsewhere start one process p
 distributed). Each process loads its share of every global batch, gradients are averaged over
 all devices of all processes, process 0 writes logs, metrics and detections.
 """
+import dataclasses
 import functools
-import json
 import logging
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -47,38 +51,9 @@ from jaxdet.models.detectors import build_detector, compute_dtype
 log = logging.getLogger('jaxdet.train')
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- building
 
-def evaluate(p_predict, state, eval_loader, source, *, work_dir=None, tag=None):
-  """COCO box AP of the model on every image of `source`; writes detections json if asked."""
-  results = []
-  for batch in eval_loader:
-    pred = jax.device_get(p_predict(state, batch))
-    flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      pred, ids, mask = multihost_utils.process_allgather(
-          (pred, batch['image_id'], batch['image_valid']), tiled=True)
-    else:
-      ids, mask = batch['image_id'], batch['image_valid']
-    results += evaluation.predictions_to_coco_results(
-        flat(pred.boxes), flat(pred.scores), flat(pred.labels), flat(pred.valid), flat(ids),
-        source.cat_ids, image_mask=flat(mask))
-  if work_dir and tag and jax.process_index() == 0:
-    _write_json_atomic(os.path.join(work_dir, f'detections_{tag}.json'), results)
-  return evaluation.coco_evaluate(results, source.coco, img_ids=list(source.image_ids))
-
-
-def _write_json_atomic(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- the loop
-
-def build_everything(config):
+def build_data(config):
   """The val source and the train / eval loaders of `config.data` on the local devices."""
   num_devices = jax.local_device_count()
   train_source = build_source(config.data, 'train')
@@ -124,12 +99,75 @@ def load_from(host_state, tx, path):
               batch_stats=merged['batch_stats'], opt_state=tx.init(merged['params']))
 
 
+def create_state(config, detector, train_loader, schedule, checkpointer, pretrained):
+  """The host train state to start from, the optimizer and the data iterator's state: a fresh
+  init (ImageNet weights from `pretrained`), the work_dir's last checkpoint (resume, remapped
+  to another global batch if need be), or `config.load_from`."""
+  image_shape = (1,) + tuple(train_loader.shapes[0][2:])
+  host_state, tx = create_train_state(detector, config, image_shape, schedule,
+                                      pretrained=pretrained)
+  data_state = None
+  if checkpointer.latest_step() is not None:
+    host_state, data_state, _ = checkpointer.restore(host_state)
+    log.info(f'resumed from step {int(host_state["step"])}'
+             + (' (config.load_from is ignored when resuming)' if config.get('load_from') else ''))
+    if data_state and data_state.get('global_batch') != train_loader.global_batch:
+      host_state, data_state, how = remap_to_global_batch(
+          host_state, data_state, global_batch=train_loader.global_batch,
+          batches_per_epoch=train_loader.batches_per_epoch)
+      log.info(how)
+  elif config.get('load_from', ''):
+    host_state = load_from(host_state, tx, config.load_from)
+  return host_state, tx, data_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The pmapped steps: train (donates its state), val (losses) and predict (detections)."""
+  train: Callable
+  val: Callable
+  predict: Callable
+
+
+def compile_steps(config, detector, tx):
+  statics = dict(detector=detector, pipeline=config.data.pipeline,
+                 dtype=compute_dtype(config.dtype))
+  return Steps(
+      train=jax.pmap(functools.partial(train_step, tx=tx, seed=config.seed, **statics),
+                     axis_name=AXIS, donate_argnums=(0,)),
+      val=jax.pmap(functools.partial(val_step, **statics), axis_name=AXIS),
+      predict=jax.pmap(functools.partial(predict_step, **statics), axis_name=AXIS))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class Run:
+  """What the loop's pieces share: config, work_dir, data, steps, writer and checkpointer."""
+  config: Any
+  work_dir: str
+  val_source: Any
+  train_loader: Any
+  eval_loader: Any
+  steps: Steps
+  schedule: Callable
+  writer: Any
+  checkpointer: Any
+  total_steps: int
+  throughput: float = None   # images / s, timed between log lines (not the first, compiling step)
+  t_log: float = None
+  step_log: int = 0
+
+  @property
+  def steps_per_epoch(self):
+    return self.train_loader.batches_per_epoch
+
+
 def train_and_evaluate(config, work_dir):
   """The whole run; returns the last evaluation's metrics."""
   os.makedirs(work_dir, exist_ok=True)
   jd_logging.setup_logging(work_dir)
   config_cli.save_config(config, os.path.join(work_dir, 'config.json'))
-  dtype = compute_dtype(config.dtype)
   num_devices = jax.local_device_count()
   resuming = bool(ckpt.complete_steps(os.path.join(work_dir, 'checkpoints')))
   # ImageNet weights only for a fresh start (a resume or load_from overwrites them); a missing
@@ -138,7 +176,7 @@ def train_and_evaluate(config, work_dir):
   if pretrained and not os.path.isfile(pretrained):
     raise weights.WeightsFileNotFoundError(weights.missing_weights_message(pretrained))
 
-  val_source, train_loader, eval_loader = build_everything(config)
+  val_source, train_loader, eval_loader = build_data(config)
   steps_per_epoch = train_loader.batches_per_epoch
   total_steps = config.schedule.epochs * steps_per_epoch
   if config.max_steps:
@@ -150,116 +188,105 @@ def train_and_evaluate(config, work_dir):
 
   detector = build_detector(config.model, config.dtype)
   schedule = build_schedule(lr, config.schedule, steps_per_epoch=steps_per_epoch)
-  image_shape = (1,) + tuple(train_loader.shapes[0][2:])
-  host_state, tx = create_train_state(detector, config, image_shape, schedule,
-                                      pretrained=pretrained)
-
   checkpointer = ckpt.Checkpointer(os.path.join(work_dir, 'checkpoints'),
                                    max_to_keep=config.max_to_keep)
-  data_state, start_step = None, 0
-  if checkpointer.latest_step() is not None:
-    host_state, data_state, _ = checkpointer.restore(host_state)
-    start_step = int(host_state['step'])
-    log.info(f'resumed from step {start_step}'
-             + (' (config.load_from is ignored when resuming)' if config.get('load_from') else ''))
-    if data_state and data_state.get('global_batch') != train_loader.global_batch:
-      host_state, data_state, how = remap_to_global_batch(
-          host_state, data_state, global_batch=train_loader.global_batch,
-          batches_per_epoch=steps_per_epoch)
-      start_step = int(host_state['step'])
-      log.info(how)
-  elif config.get('load_from', ''):
-    host_state = load_from(host_state, tx, config.load_from)
-
-  statics = dict(detector=detector, pipeline=config.data.pipeline, dtype=dtype)
-  p_train = jax.pmap(functools.partial(train_step, tx=tx, **statics), axis_name=AXIS,
-                     donate_argnums=(0,))
-  p_val = jax.pmap(functools.partial(val_step, **statics), axis_name=AXIS)
-  p_predict = jax.pmap(functools.partial(predict_step, **statics), axis_name=AXIS)
+  host_state, tx, data_state = create_state(config, detector, train_loader, schedule,
+                                            checkpointer, pretrained)
+  start_step = int(host_state['step'])
+  run = Run(config=config, work_dir=work_dir, val_source=val_source, train_loader=train_loader,
+            eval_loader=eval_loader, steps=compile_steps(config, detector, tx),
+            schedule=schedule, writer=jd_logging.MetricWriter(work_dir),
+            checkpointer=checkpointer, total_steps=total_steps, step_log=start_step)
   state = replicate(host_state)
   del host_state
 
-  writer = jd_logging.MetricWriter(work_dir)
   signals = ckpt.install_signal_handlers()
   iterator = train_loader.iterator(data_state)
-  last_metrics, throughput = {}, None
-
   classes = dict(names=list(val_source.class_names), cat_ids=list(val_source.cat_ids))
-
-  def save(step):
-    checkpointer.save(step, unreplicate(state), data_state=iterator.get_state(),
-                      extra=dict(epoch=step // steps_per_epoch, classes=classes))
-
-  step = start_step
+  save = lambda step: checkpointer.save(
+      step, unreplicate(state), data_state=iterator.get_state(),
+      extra=dict(epoch=step // steps_per_epoch, classes=classes))
+  last_metrics, step = {}, start_step
   bar = jd_logging.ProgressBar(total_steps, 'train', initial=start_step)
-  t_log, step_log = None, step  # throughput is timed from the end of the first step (compile)
   try:
     while step < total_steps:
-      batch = next(iterator)
-      state, metrics = p_train(state, batch)
+      state, metrics = run.steps.train(state, next(iterator))
       step += 1
       bar.update()
       epoch = (step - 1) // steps_per_epoch + 1
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if step % config.log_interval == 0 or epoch_end or step == start_step + 1:
-        m = {k: float(v) for k, v in unreplicate(metrics).items()}
-        if not np.isfinite(m['loss']):
-          raise FloatingPointError(
-              f'loss is {m["loss"]} at step {step}: stopping; the last good checkpoint is '
-              f'step {checkpointer.latest_step()}')
-        now = time.time()
-        if t_log is not None and step > step_log:
-          sec_per_step = (now - t_log) / (step - step_log)
-          throughput = train_loader.global_batch / sec_per_step
-        t_log, step_log = now, step
-        eta = (total_steps - step) * (train_loader.global_batch / throughput) if throughput else None
-        lr_now = float(schedule(step - 1))
-        log.info(jd_logging.format_log_line(
-            epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, lr=lr_now, losses=m,
-            img_per_s=throughput, eta_s=eta, mem_bytes=jd_logging.device_memory_bytes()))
-        writer.scalars(step, dict(kind='train', lr=lr_now, **m,
-                                  **({'img_per_s': throughput} if throughput else {})))
+        log_train_metrics(run, metrics, step, epoch)
       if signals.requested:
         save(step)
         log.info(f'stopped by signal at step {step}; checkpoint saved, rerun to resume')
         return last_metrics
       if epoch_end:
-        last = step == total_steps
-        if any(phase == 'val' for phase, _ in config.workflow):
-          vals = [jax.device_get(p_val(state, b)) for b in eval_loader]
-          vm = {k: float(np.mean([v[k][0] for v in vals])) for k in vals[0]}
-          log.info(f'Epoch(val) [{epoch}]  ' + '  '.join(f'{k}: {v:.4f}' for k, v in vm.items()))
-          writer.scalars(step, dict(kind='val', epoch=epoch, **vm))
-        if epoch % config.checkpoint_interval == 0 or last:
-          save(step)
-        if epoch % config.eval_interval == 0 or last:
-          last_metrics = _evaluate_and_report(config, work_dir, p_predict, state, eval_loader,
-                                              val_source, writer, epoch, step, throughput)
+        last_metrics = end_of_epoch(run, state, save, step, epoch) or last_metrics
   finally:
     signals.uninstall()   # in-process callers (tests, notebooks) get their handlers back
     bar.close()
     iterator.close()
     checkpointer.close()
-    writer.close()
+    run.writer.close()
   return last_metrics
 
 
-def _evaluate_and_report(config, work_dir, p_predict, state, eval_loader, source, writer,
-                         epoch, step, throughput):
-  log.info(f'evaluating epoch {epoch} (step {step}) on {eval_loader.num_images} images')
-  metrics = evaluate(p_predict, state, eval_loader, source, work_dir=work_dir,
-                     tag=f'epoch_{epoch}')
+def log_train_metrics(run, metrics, step, epoch):
+  """One training log line (losses, lr, throughput, ETA, memory) and its scalars; stops the run
+  with a FloatingPointError naming the last good checkpoint when the loss is not finite."""
+  m = {k: float(v) for k, v in unreplicate(metrics).items()}
+  if not np.isfinite(m['loss']):
+    raise FloatingPointError(
+        f'loss is {m["loss"]} at step {step}: stopping; the last good checkpoint is '
+        f'step {run.checkpointer.latest_step()}')
+  now, batch = time.time(), run.train_loader.global_batch
+  if run.t_log is not None and step > run.step_log:
+    run.throughput = batch * (step - run.step_log) / (now - run.t_log)
+  run.t_log, run.step_log = now, step
+  eta = (run.total_steps - step) * batch / run.throughput if run.throughput else None
+  lr_now = float(run.schedule(step - 1))
+  log.info(jd_logging.format_log_line(
+      epoch=epoch, step=step, steps_per_epoch=run.steps_per_epoch, lr=lr_now, losses=m,
+      img_per_s=run.throughput, eta_s=eta, mem_bytes=jd_logging.device_memory_bytes()))
+  run.writer.scalars(step, dict(kind='train', lr=lr_now, **m,
+                                **({'img_per_s': run.throughput} if run.throughput else {})))
+
+
+def end_of_epoch(run, state, save, step, epoch):
+  """mmdetection's val phase (losses on the val set), the epoch's checkpoint and its COCO
+  evaluation, each at its configured interval (and at the end). Returns the evaluation's
+  metrics, or None when the epoch has none."""
+  config, last = run.config, step == run.total_steps
+  if any(phase == 'val' for phase, _ in config.workflow):
+    vals = [jax.device_get(run.steps.val(state, b)) for b in run.eval_loader]
+    vm = {k: float(np.mean([v[k][0] for v in vals])) for k in vals[0]}
+    log.info(f'Epoch(val) [{epoch}]  ' + '  '.join(f'{k}: {v:.4f}' for k, v in vm.items()))
+    run.writer.scalars(step, dict(kind='val', epoch=epoch, **vm))
+  if epoch % config.checkpoint_interval == 0 or last:
+    save(step)
+  if epoch % config.eval_interval == 0 or last:
+    return evaluate_and_report(run, state, step, epoch)
+  return None
+
+
+def evaluate_and_report(run, state, step, epoch):
+  """COCO evaluation of the current state: scalars, `results.md` and the results table."""
+  log.info(f'evaluating epoch {epoch} (step {step}) on {run.eval_loader.num_images} images')
+  metrics = evaluation.evaluate_loader(run.steps.predict, state, run.eval_loader,
+                                       run.val_source, work_dir=run.work_dir,
+                                       tag=f'epoch_{epoch}')
   scalars = {k: metrics[k] for k in evaluation.METRICS}
-  writer.scalars(step, dict(kind='eval', epoch=epoch, **scalars))
-  row = dict(config.results_row.to_dict() if hasattr(config.results_row, 'to_dict')
-             else config.results_row)
+  run.writer.scalars(step, dict(kind='eval', epoch=epoch, **scalars))
+  row = dict(run.config.results_row.to_dict() if hasattr(run.config.results_row, 'to_dict')
+             else run.config.results_row)
   table_row = {'Network': row.get('network'), 'Dataset': row.get('dataset'),
                'Backbone': row.get('backbone'), 'style': row.get('style'),
                'Lr schd': row.get('lr_schd'), 'Mem': jd_logging.device_memory_bytes() / 2**30,
-               'img/s': throughput, **scalars}
+               'img/s': run.throughput, **scalars}
   table = evaluation.format_results_table([table_row])
   if jax.process_index() == 0:
-    with open(os.path.join(work_dir, 'results.md'), 'w') as f:
+    with open(os.path.join(run.work_dir, 'results.md'), 'w') as f:
       f.write(table + '\n')
   log.info(table)
   return metrics

@@ -19,7 +19,8 @@ from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
 from jaxdet.models import weights
 from jaxdet.models.backbones import ResNet
-from jaxdet.models.detectors import _HEADS, build_detector
+from jaxdet.models.detectors import build_detector
+from jaxdet.models.registry import HEADS
 
 pytestmark = pytest.mark.torch
 
@@ -136,8 +137,8 @@ def compared(request, mm, tmp_path_factory):
   """One detector on both sides: raw head outputs and detections of the same input."""
   name = request.param
   jd_config, mm_config, reg_to_mmdet = DETECTORS[name]
-  if name not in _HEADS:
-    pytest.fail(f'jaxdet has no {name!r} head yet (jaxdet.models.detectors._HEADS)')
+  if name not in HEADS:
+    pytest.fail(f'jaxdet has no {name!r} head yet (jaxdet.models.registry.HEADS)')
   cfg = mm['Config'].fromfile(os.path.join(mm['configs'], mm_config))
   cfg.model.backbone.init_cfg = None           # no ImageNet download: random weights
   torch.manual_seed(0)

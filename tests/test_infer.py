@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdet import infer
+from jaxdet import evaluation, infer
 from jaxdet import train as train_lib
 from jaxdet.data import shapes
 from jaxdet.engine import checkpoint as ckpt
@@ -111,7 +111,7 @@ def test_class_names_from_the_config_without_the_dataset(tmp_path):
 # ----------------------------------------------------------------------------- API vs evaluation
 
 def test_detector_equals_the_evaluation_path(trained, detector, tmp_path):
-  """Detector(score_thr=0) on the val files == what train.evaluate writes for them (the eval
+  """Detector(score_thr=0) on the val files == what evaluate_loader writes for them (the eval
   loader + pmapped predict_step), detection for detection; the default threshold filters."""
   overrides, work_dir, val_dir = trained
   config = config_cli.load_config(SPEC, overrides)
@@ -128,7 +128,7 @@ def test_detector_equals_the_evaluation_path(trained, detector, tmp_path):
                        axis_name=AXIS)
   variables = ckpt.load_params(os.path.join(work_dir, 'checkpoints'))
   state = replicate(dict(params=variables['params'], batch_stats=variables['batch_stats']))
-  train_lib.evaluate(p_predict, state, loader, source, work_dir=str(tmp_path), tag='ref')
+  evaluation.evaluate_loader(p_predict, state, loader, source, work_dir=str(tmp_path), tag='ref')
   with open(tmp_path / 'detections_ref.json') as f:
     reference = json.load(f)
 

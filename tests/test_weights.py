@@ -339,7 +339,8 @@ def test_convert_refuses_a_non_empty_out_and_a_missing_input(tmp_path, fake_pth,
 
 def test_mmdet_head_tables():
   """The names of mmdetection's RetinaHead / FCOSHead land on DenseHead's modules."""
-  rules = weights.mmdet_rules('retinanet')
+  model = lambda kind: {'type': kind, 'backbone': {'type': 'resnet'}, 'neck': {'type': 'fpn'}}
+  rules = weights.mmdet_rules(model('retinanet'))
   sd = {'bbox_head.retina_cls.weight': np.zeros((18, 4, 3, 3), np.float32),
         'bbox_head.retina_reg.bias': np.zeros(8, np.float32),
         'bbox_head.cls_convs.3.conv.bias': np.zeros(4, np.float32),
@@ -355,9 +356,9 @@ def test_mmdet_head_tables():
   fcos = {'bbox_head.conv_centerness.weight': np.zeros((1, 4, 3, 3), np.float32)}
   target = {'params': {'head': {'conv_centerness': {
       'kernel': jax.ShapeDtypeStruct((3, 3, 4, 1), jnp.float32)}}}}
-  weights.torch_to_flax(fcos, weights.mmdet_rules('fcos'), target)
-  with pytest.raises(ValueError, match="model.type='yolo' is not supported"):
-    weights.mmdet_rules('yolo')
+  weights.torch_to_flax(fcos, weights.mmdet_rules(model('fcos')), target)
+  with pytest.raises(ValueError, match=r"model.type='yolo' must be one of \['atss'"):
+    weights.mmdet_rules(model('yolo'))
 
 
 def test_train_names_a_missing_pretrained_file_before_reading_data(tmp_path):

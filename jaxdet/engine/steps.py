@@ -2,12 +2,15 @@
 
 `train_step` (one SGD/AdamW update), `val_step` (losses, no update: mmdetection's 'val' workflow
 phase) and `predict_step` (detections in original-image pixels). They see pmap only through the
-axis name passed to the loss for its cross-device normalisers and to the gradient mean, so a
-jit + sharding version is a small change. Images arrive as uint8 and are normalised here, on the
-device (padded pixels become 0, as in mmdetection).
+axis name passed to the loss for its cross-device normalisers, to the gradient mean and to the
+dropout key, so a jit + sharding version is a small change. Images arrive as uint8 and are
+normalised here, on the device (padded pixels become 0, as in mmdetection).
+
+Randomness: the training step's dropout key is `fold_in(fold_in(key(seed), step), device)`, a
+function of the config's seed, the step counter and the device index alone: a resumed run draws
+exactly what the uninterrupted one drew, and the train state carries no key.
 """
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxdet.ops.image import normalize_images
@@ -24,13 +27,21 @@ def _total(losses):
   return sum(v for k, v in losses.items() if k.startswith('loss_'))
 
 
-def train_step(state, batch, *, detector, tx, pipeline, dtype, axis_name=AXIS):
+def dropout_key(seed, step, axis_name=AXIS):
+  """The dropout key of one training step on this device (see the module docstring)."""
+  key = jax.random.fold_in(jax.random.key(seed), step)
+  return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def train_step(state, batch, *, detector, tx, pipeline, dtype, seed=0, axis_name=AXIS):
   """One optimisation step on one device's share of the batch (run under pmap)."""
+  rngs = {'dropout': dropout_key(seed, state['step'], axis_name)}
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state['batch_stats']}
     outputs, mutated = detector.module.apply(variables, _images(batch, pipeline, dtype),
-                                             train=True, mutable=['batch_stats'])
+                                             batch['img_shape'], train=True, rngs=rngs,
+                                             mutable=['batch_stats'])
     losses = detector.loss(outputs, batch, axis_name=axis_name)
     return _total(losses), (losses, mutated)
 
@@ -45,10 +56,11 @@ def train_step(state, batch, *, detector, tx, pipeline, dtype, axis_name=AXIS):
 
 
 def val_step(state, batch, *, detector, pipeline, dtype, axis_name=AXIS):
-  """Losses without an update (mmdetection's 'val' workflow phase), BN in eval mode."""
+  """Losses without an update (mmdetection's 'val' workflow phase), BN in eval mode, no
+  dropout. The padding images of the last batch (image_valid False) add nothing."""
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), train=False)
-  batch = dict(batch, pad_shape=jnp.where(batch['image_valid'][:, None], batch['pad_shape'], 0))
+  outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), batch['img_shape'],
+                                  train=False)
   losses = detector.loss(outputs, batch, axis_name=axis_name)
   return jax.lax.pmean(dict(losses, loss=_total(losses)), axis_name)
 
@@ -56,5 +68,6 @@ def val_step(state, batch, *, detector, pipeline, dtype, axis_name=AXIS):
 def predict_step(state, batch, *, detector, pipeline, dtype):
   """Detections of one device's images, boxes in original pixels (fixed size + valid mask)."""
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), train=False)
+  outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), batch['img_shape'],
+                                  train=False)
   return detector.predict(outputs, batch)

@@ -5,18 +5,17 @@ one copy per device while training under pmap). `model.backbone.pretrained` (a R
 see `jaxdet.models.weights`) replaces the backbone's random init with ImageNet weights.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdet.engine.optimizer import build_optimizer
 from jaxdet.engine.steps import AXIS
 from jaxdet.models import weights
-from jaxdet.models.backbones import frozen_param_mask
+from jaxdet.models.registry import BACKBONES, NECKS
 
 
 def init_variables(detector, image_shape, seed):
   """Model variables ({'params', 'batch_stats'}) for images of `image_shape` (B, H, W, 3)."""
-  init = jax.jit(lambda key: detector.module.init(key, jnp.zeros(image_shape, jnp.float32)))
+  init = jax.jit(lambda key: detector.init(key, image_shape))
   lowered = init.lower(jax.random.key(seed))
   # XLA:CPU spends ~15 s optimising this run-once program (its random initialisers); without
   # backend optimisation it compiles in ~5 s and runs in a fraction of a second. Its values
@@ -27,13 +26,14 @@ def init_variables(detector, image_shape, seed):
 
 
 def frozen_mask(params, model_cfg):
-  """True for parameters that never train: the backbone's frozen stages and, with
-  `model.backbone.norm_trainable=False` (caffe backbones, BN requires_grad=False), its BN
-  scales and biases."""
+  """True for parameters that never train, as each registered backbone / neck decides (ResNet:
+  its frozen stages and, with `model.backbone.norm_trainable=False` (caffe backbones, BN
+  requires_grad=False), its BN scales and biases)."""
   mask = jax.tree_util.tree_map(lambda _: False, params)
-  mask['backbone'] = frozen_param_mask(
-      params['backbone'], model_cfg.backbone.frozen_stages,
-      norm_trainable=model_cfg.backbone.get('norm_trainable', True))
+  for name, registry in (('backbone', BACKBONES), ('neck', NECKS)):
+    part = registry.get(model_cfg[name].type)
+    if part.frozen is not None and name in params:
+      mask[name] = part.frozen(params[name], model_cfg[name])
   return mask
 
 
@@ -49,7 +49,8 @@ def create_train_state(detector, config, image_shape, schedule, *, pretrained=No
   state_dict = weights.read_pretrained(pretrained) if pretrained else None
   variables = init_variables(detector, image_shape, config.seed)
   if state_dict is not None:
-    variables = weights.load_backbone_state_dict(variables, state_dict, what=pretrained)
+    variables = weights.load_backbone_state_dict(variables, state_dict, what=pretrained,
+                                                 backbone=config.model.backbone.type)
   params = variables['params']
   tx = build_optimizer(config.optimizer, schedule, params, frozen_mask(params, config.model))
   state = dict(step=np.zeros((), np.int32), params=params,

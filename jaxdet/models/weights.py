@@ -7,16 +7,19 @@ Two uses, one strict mapping:
   (`resnet50_caffe-788b5fa3.pth`, `resnet50_msra-5891d200.pth`, ...) into
   `params['backbone']` / `batch_stats['backbone']`. `model.backbone.pretrained` does this at init
   (`jaxdet.engine.train_state.create_train_state`). Where the files come from: `KNOWN_WEIGHTS`.
-- `convert_mmdet(state_dict, model_type, target)`: an mmdetection 3.x detector's state_dict
-  (backbone + FPN + a dense head) into the detector's variables (`python -m jaxdet.convert`).
+- `convert_mmdet(state_dict, model_cfg, target)`: an mmdetection 3.x detector's state_dict
+  (backbone + neck + head, names from the registered parts) into the detector's variables
+  (`python -m jaxdet.convert`).
 
 Names: torchvision's ResNet and mmdetection's (both styles) use the same names, `conv1.weight`,
 `bn1.running_mean`, `layer1.0.conv2.weight`, `layer1.0.downsample.1.bias`, ...; jaxdet's modules
 are named after them (`conv1`, `bn1`, `layer1_0/conv2`, `layer1_0/downsample_1`). A tensor name
-splits into a module path and a leaf: the module path goes through a table of regexes (`RESNET`,
-`FPN`, `MMDET_HEADS`; the first that matches the whole path wins), the leaf through `_LEAVES`:
+splits into a module path and a leaf: the module path goes through a table of regexes (each
+registered part's `torch_names`, e.g. `jaxdet.models.backbones.resnet.TORCH_NAMES`; the first that
+matches the whole path wins), the leaf through `_LEAVES`:
 
   weight (4-d, OIHW) -> params .../kernel (HWIO)   running_mean -> batch_stats .../mean
+  weight (2-d, Linear) -> params .../kernel (transposed)
   weight (1-d, a norm) -> params .../scale         running_var  -> batch_stats .../var
   bias -> params .../bias;  scale (mmcv's Scale) -> params .../scale
   num_batches_tracked -> skipped
@@ -67,32 +70,8 @@ class TorchRequiredError(ImportError, ValueError):
 
 
 # ------------------------------------------------------------------------------ name tables
-# (torch module path regex, jax module path template); '/' separates jax module names.
-
-RESNET = (
-    (r'(conv1|bn1)', r'\1'),                                          # the stem
-    (r'layer(\d+)\.(\d+)\.(conv\d|bn\d)', r'layer\1_\2/\3'),         # block convs / norms
-    (r'layer(\d+)\.(\d+)\.downsample\.([01])', r'layer\1_\2/downsample_\3'),
-)
-RESNET_SKIP = (r'fc\.(weight|bias)',)  # the ImageNet classifier
-
-FPN = (
-    (r'(lateral_convs|fpn_convs)\.(\d+)\.conv', r'\1_\2'),          # mmcv ConvModule's .conv
-)
-
-# `DenseHead`'s towers and scales, as mmdetection's ATSSHead / RetinaHead / FCOSHead name them.
-_DENSE_HEAD = (
-    (r'(cls|reg)_convs\.(\d+)\.conv', r'\1_convs_\2'),
-    (r'(cls|reg)_convs\.(\d+)\.gn', r'\1_gns_\2'),
-    (r'scales\.(\d+)', r'scales_\1'),
-)
-# model.type -> the head's names (mmdetection's bbox_head.*). A new dense head adds a line.
-MMDET_HEADS = {
-    'atss': _DENSE_HEAD + ((r'atss_(cls|reg|centerness)', r'conv_\1'),),
-    'retinanet': _DENSE_HEAD + ((r'retina_(cls|reg)', r'conv_\1'),),
-    'fcos': _DENSE_HEAD + ((r'conv_(cls|reg|centerness)', r'conv_\1'),),
-}
-
+# Each registered part owns its table (`Part.torch_names`, `Head.torch_names`: (torch module path
+# regex, jax module path template), '/' separating jax module names); here they are prefixed.
 
 def prefixed(torch_prefix: str, jax_prefix: str, rules):
   """`rules` for tensors under `torch_prefix` ('backbone.') mapped under `jax_prefix`."""
@@ -100,21 +79,26 @@ def prefixed(torch_prefix: str, jax_prefix: str, rules):
                for pattern, template in rules)
 
 
-def mmdet_rules(model_type: str):
-  """The name table of an mmdetection detector `backbone.* neck.* bbox_head.*` (jaxdet's
-  `model.type`)."""
-  if model_type not in MMDET_HEADS:
-    raise ValueError(f'converting mmdetection checkpoints of model.type={model_type!r} is not '
-                     f'supported (have: {sorted(MMDET_HEADS)}; add its names to '
-                     'jaxdet.models.weights.MMDET_HEADS)')
-  return (prefixed('backbone.', 'backbone', RESNET) + prefixed('neck.', 'neck', FPN)
-          + prefixed('bbox_head.', 'head', MMDET_HEADS[model_type]))
+def mmdet_rules(model_cfg):
+  """The name table of an mmdetection detector `backbone.* neck.* bbox_head.*` for
+  `config.model` (its `type`, `backbone.type` and `neck.type` pick the registered parts)."""
+  # pylint: disable=import-outside-toplevel
+  from jaxdet.models import detectors  # noqa: F401  (registers every part)
+  from jaxdet.models.registry import BACKBONES, HEADS, NECKS
+  head = HEADS.get(model_cfg['type'])
+  if not head.torch_names:
+    raise ValueError(f"converting mmdetection checkpoints of model.type={model_cfg['type']!r} is "
+                     'not supported (its Head has no torch_names)')
+  return (prefixed('backbone.', 'backbone', BACKBONES.get(model_cfg['backbone']['type']).torch_names)
+          + prefixed('neck.', 'neck', NECKS.get(model_cfg['neck']['type']).torch_names)
+          + prefixed('bbox_head.', 'head', head.torch_names))
 
 
 _OIHW_TO_HWIO = (2, 3, 1, 0)
 # (torch leaf, tensor ndim or None = any) -> (collection, jax leaf, transpose or None)
 _LEAVES = {
     ('weight', 4): ('params', 'kernel', _OIHW_TO_HWIO),
+    ('weight', 2): ('params', 'kernel', (1, 0)),        # nn.Linear (out, in) -> Dense (in, out)
     ('weight', 1): ('params', 'scale', None),
     ('bias', None): ('params', 'bias', None),
     ('scale', None): ('params', 'scale', None),
@@ -299,7 +283,8 @@ def read_pretrained(path: str, key: str = 'model.backbone.pretrained') -> dict:
 
 
 def load_pretrained_backbone(variables: dict, path: str,
-                             key: str = 'model.backbone.pretrained') -> dict:
+                             key: str = 'model.backbone.pretrained', *,
+                             backbone: str = 'resnet') -> dict:
   """`variables` (`{'params', 'batch_stats'}` of a detector) with the backbone's replaced by the
   ResNet weights in `path` (torchvision or mmdetection / detectron naming; `fc.*` skipped).
 
@@ -307,15 +292,22 @@ def load_pretrained_backbone(variables: dict, path: str,
   file), `TorchRequiredError`, or `WeightsMismatchError` (e.g. a ResNet-101 file for depth 50);
   all are ValueErrors with one-line messages.
   """
-  return load_backbone_state_dict(variables, read_pretrained(path, key), what=path)
+  return load_backbone_state_dict(variables, read_pretrained(path, key), what=path,
+                                  backbone=backbone)
 
 
 def load_backbone_state_dict(variables: dict, state: Mapping[str, np.ndarray], *,
-                             what: str = 'state_dict') -> dict:
-  """`load_pretrained_backbone` on an already read `{name: array}` dict (no PyTorch needed)."""
+                             what: str = 'state_dict', backbone: str = 'resnet') -> dict:
+  """`load_pretrained_backbone` on an already read `{name: array}` dict (no PyTorch needed).
+  `backbone`: the registered backbone type whose PyTorch names the file uses."""
+  # pylint: disable=import-outside-toplevel
+  from jaxdet.models import detectors  # noqa: F401  (registers every part)
+  from jaxdet.models.registry import BACKBONES
+  part = BACKBONES.get(backbone)
   target = {'params': variables['params']['backbone'],
             'batch_stats': variables.get('batch_stats', {}).get('backbone', {})}
-  loaded, skipped = torch_to_flax(state, RESNET, target, skip=RESNET_SKIP, what=what)
+  loaded, skipped = torch_to_flax(state, part.torch_names, target, skip=part.torch_skip,
+                                  what=what)
   out = dict(variables)
   out['params'] = {**variables['params'], 'backbone': loaded['params']}
   if loaded.get('batch_stats'):
@@ -328,10 +320,11 @@ def load_backbone_state_dict(variables: dict, state: Mapping[str, np.ndarray], *
   return out
 
 
-def convert_mmdet(state: Mapping[str, np.ndarray], model_type: str, target, *,
+def convert_mmdet(state: Mapping[str, np.ndarray], model_cfg, target, *,
                   what: str = 'mmdetection checkpoint'):
   """An mmdetection 3.x detector state_dict -> `(variables, skipped)` shaped like `target`
-  (the detector's `{'params', 'batch_stats'}`, e.g. its `jax.eval_shape`d init)."""
-  variables, skipped = torch_to_flax(state, mmdet_rules(model_type), target, what=what)
+  (the detector's `{'params', 'batch_stats'}`, e.g. its `jax.eval_shape`d init), for
+  `config.model`."""
+  variables, skipped = torch_to_flax(state, mmdet_rules(model_cfg), target, what=what)
   variables.setdefault('batch_stats', {})
   return variables, skipped

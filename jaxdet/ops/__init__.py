@@ -5,6 +5,6 @@ from jaxdet.ops.boxes import (box_area, box_cxcywh_to_xyxy, box_iof, box_iou, bo
                               generalized_box_iou_aligned)
 from jaxdet.ops.coders import delta_decode, delta_encode, distance_decode, distance_encode
 from jaxdet.ops.deform_conv import deform_conv2d
-from jaxdet.ops.nms import (Detections, NMSOutput, batched_nms, filter_scores_and_topk,
+from jaxdet.ops.nms import (NMSOutput, Predictions, batched_nms, filter_scores_and_topk,
                             multiclass_nms)
 from jaxdet.ops.pooling import max_pool2d

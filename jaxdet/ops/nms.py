@@ -33,12 +33,17 @@ class NMSOutput(NamedTuple):
   valid: jax.Array  # (max_output,) bool: which slots hold a kept box
 
 
-class Detections(NamedTuple):
-  """Result of ``multiclass_nms``: ``K = max_per_img`` slots, best first."""
-  boxes: jax.Array   # (K, 4) float32 xyxy; zeros in invalid slots
+class Predictions(NamedTuple):
+  """Detections of one image, ``K`` fixed slots, best first (vmapped: a leading batch axis).
+
+  The one result type of every detector's ``predict`` and of ``multiclass_nms``; the user-facing
+  per-image type is ``jaxdet.Detections`` (numpy, class names), made from it.
+  """
+  boxes: jax.Array   # (K, 4) float32 xyxy (predict: original-image pixels); zeros in invalid slots
   scores: jax.Array  # (K,) float32 (times the score factor when given); 0 in invalid slots
   labels: jax.Array  # (K,) int32 class index; -1 in invalid slots
-  index: jax.Array   # (K,) int32 row of the input ``boxes`` each detection came from; -1 invalid
+  index: jax.Array   # (K,) int32 prior / query each detection came from (multiclass_nms: row of
+                     # the input ``boxes``); -1 in invalid slots
   valid: jax.Array   # (K,) bool
 
 
@@ -168,7 +173,7 @@ def multiclass_nms(boxes, scores, *, score_thr, nms_pre, iou_threshold, max_per_
     min_bbox_size: mmdetection's ``min_bbox_size`` (-1 disables the filter).
 
   Returns:
-    ``Detections`` with ``max_per_img`` slots, best first, padded (see its fields).
+    ``Predictions`` with ``max_per_img`` slots, best first, padded (see its fields).
   """
   boxes = jnp.asarray(boxes)
   scores = jnp.asarray(scores)
@@ -190,7 +195,7 @@ def multiclass_nms(boxes, scores, *, score_thr, nms_pre, iou_threshold, max_per_
     valid = valid & jnp.all(wh > min_bbox_size, axis=-1)
   keep, keep_valid = batched_nms(cand_boxes, cand_scores, labels, iou_threshold=iou_threshold,
                                  max_output=max_per_img, valid=valid)
-  return Detections(
+  return Predictions(
       boxes=jnp.where(keep_valid[:, None], cand_boxes[keep], 0),
       scores=jnp.where(keep_valid, cand_scores[keep], 0),
       labels=jnp.where(keep_valid, labels[keep], -1),

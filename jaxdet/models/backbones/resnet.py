@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.models.registry import BACKBONES, Part
 from jaxdet.ops.pooling import max_pool2d
 
 _STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -170,3 +171,29 @@ def frozen_param_mask(params, frozen_stages, norm_trainable=True):
     return top in frozen or (bool(prefixes) and top.startswith(prefixes))
 
   return jax.tree_util.tree_map_with_path(lambda p, _: is_frozen(p), params)
+
+
+def from_config(cfg, dtype=None):
+  """The ResNet of `config.model.backbone` (type 'resnet')."""
+  return ResNet(depth=cfg.depth, style=cfg.style, out_indices=tuple(cfg.out_indices),
+                frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval,
+                norm_trainable=cfg.get('norm_trainable', True), base_width=cfg.base_width,
+                bn_eps=cfg.get('bn_eps', 1e-5), dtype=dtype)
+
+
+def frozen_from_config(params, cfg):
+  """`frozen_param_mask` with `config.model.backbone`'s frozen_stages and norm_trainable."""
+  return frozen_param_mask(params, cfg.frozen_stages,
+                           norm_trainable=cfg.get('norm_trainable', True))
+
+
+# torchvision's and mmdetection's ResNet names (both styles): (torch module path, jax path).
+TORCH_NAMES = (
+    (r'(conv1|bn1)', r'\1'),                                          # the stem
+    (r'layer(\d+)\.(\d+)\.(conv\d|bn\d)', r'layer\1_\2/\3'),         # block convs / norms
+    (r'layer(\d+)\.(\d+)\.downsample\.([01])', r'layer\1_\2/downsample_\3'),
+)
+TORCH_SKIP = (r'fc\.(weight|bias)',)  # the ImageNet classifier
+
+BACKBONES.register('resnet', Part(build=from_config, frozen=frozen_from_config,
+                                  torch_names=TORCH_NAMES, torch_skip=TORCH_SKIP))

@@ -19,11 +19,14 @@ import jax.numpy as jnp
 
 from jaxdet import losses
 from jaxdet.assigners.atss import atss_assign
-from jaxdet.models.heads.dense_head import (DenseDetectorHead, DenseHead, assigned_gt_boxes,
-                                            mean_over_devices)
-from jaxdet.models.postprocess import featmap_sizes_of, flatten_levels, predict_batch
+from jaxdet.models.heads.dense_head import (DENSE_HEAD_TORCH_NAMES, DenseHead, anchor_targets,
+                                            assigned_gt_boxes)
+from jaxdet.models.heads.head import Head
+from jaxdet.models.heads.levels import featmap_sizes_of, flatten_levels
+from jaxdet.models.postprocess import predict_batch
+from jaxdet.models.registry import HEADS
 from jaxdet.ops.coders import delta_decode
-from jaxdet.priors import anchor_grid, level_counts, valid_flags
+from jaxdet.priors import anchor_grid, level_counts
 
 
 def atss_head_module(head_cfg, num_classes, dtype=None):
@@ -45,7 +48,8 @@ def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
 
   Args:
     outputs: the head's `(cls, reg, centerness)`, each a tuple over levels of (B, H_l, W_l, .).
-    batch: `gt_boxes (B, G, 4)`, `gt_labels (B, G)`, `gt_mask (B, G)`, `pad_shape (B, 2)`.
+    batch: `gt_boxes (B, G, 4)`, `gt_labels (B, G)`, `gt_mask (B, G)`, `pad_shape (B, 2)`,
+      `image_valid (B,)` (images with False add nothing).
     head_cfg: `config.model.head` (strides, octave_base_scale, scales_per_octave, topk,
       target_stds, loss weights and focal alpha/gamma).
   Returns:
@@ -59,18 +63,13 @@ def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
   deltas = flatten_levels(reg_out, 4).astype(jnp.float32)
   ctr_logits = flatten_levels(ctr_out, 1)[..., 0].astype(jnp.float32)
 
-  valid = valid_flags(sizes, batch['pad_shape'], strides=tuple(head_cfg.strides))
   assign_one = lambda boxes, labels, mask, valid: atss_assign(
       anchors, boxes, labels, mask, num_level_anchors=counts, topk=head_cfg.topk, valid=valid,
       featmap_sizes=sizes)
-  assign = jax.vmap(assign_one)(batch['gt_boxes'], batch['gt_labels'], batch['gt_mask'], valid)
-  pos = assign.gt_index >= 0                                   # (B, A)
-  num_pos_per_image = pos.sum(axis=1)
-  avg_factor = mean_over_devices(jnp.maximum(num_pos_per_image, 1).sum().astype(jnp.float32),
-                                  axis_name)
-
-  loss_cls = losses.sigmoid_focal_loss(cls_logits, assign.labels,
-                                       (assign.gt_index != -2).astype(jnp.float32),
+  t = anchor_targets(assign_one, sizes, batch, strides=head_cfg.strides)
+  pos, assign = t.pos, t.assign                               # (B, A)
+  avg_factor = losses.mean_over_devices(t.avg_factor, axis_name)
+  loss_cls = losses.sigmoid_focal_loss(cls_logits, assign.labels, t.cls_weights,
                                        alpha=head_cfg.focal_alpha, gamma=head_cfg.focal_gamma,
                                        reduction='mean', avg_factor=avg_factor)
 
@@ -82,7 +81,7 @@ def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
   ctr_targets = jnp.where(pos, losses.centerness_target(ltrb), 0.)
   ctr_targets = jax.lax.stop_gradient(ctr_targets)
   boxes = delta_decode(anchors[None], deltas, stds=tuple(head_cfg.target_stds))
-  bbox_avg = jnp.maximum(mean_over_devices(ctr_targets.sum(), axis_name), 1.)
+  bbox_avg = jnp.maximum(losses.mean_over_devices(ctr_targets.sum(), axis_name), 1.)
   loss_bbox = losses.giou_loss(boxes, targets, ctr_targets, reduction='sum') / bbox_avg
   loss_ctr = losses.binary_cross_entropy_with_logits(ctr_logits, ctr_targets,
                                                      pos.astype(jnp.float32), reduction='mean',
@@ -90,7 +89,7 @@ def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
   return dict(loss_cls=head_cfg.loss_cls_weight * loss_cls,
               loss_bbox=head_cfg.loss_bbox_weight * loss_bbox,
               loss_centerness=head_cfg.loss_centerness_weight * loss_ctr,
-              num_pos=num_pos_per_image.sum().astype(jnp.float32))
+              num_pos=t.num_pos_per_image.sum().astype(jnp.float32))
 
 
 def atss_predict(outputs, batch, head_cfg, test_cfg):
@@ -104,4 +103,8 @@ def atss_predict(outputs, batch, head_cfg, test_cfg):
   return predict_batch(cls_out, reg_out, ctr_out, anchors, decode, batch, test_cfg)
 
 
-HEAD = DenseDetectorHead(module=atss_head_module, loss=atss_loss, predict=atss_predict)
+# mmdetection's ATSSHead names (bbox_head.*), for checkpoint conversion.
+TORCH_NAMES = DENSE_HEAD_TORCH_NAMES + ((r'atss_(cls|reg|centerness)', r'conv_\1'),)
+
+HEAD = HEADS.register('atss', Head(module=atss_head_module, loss=atss_loss,
+                                   predict=atss_predict, torch_names=TORCH_NAMES))

@@ -10,29 +10,25 @@ Returns raw outputs; what they mean (deltas, log-distances, ...) is the detector
   reg:        tuple over levels of (B, H_l, W_l, num_anchors * 4), already multiplied by the scale
   centerness: tuple over levels of (B, H_l, W_l, num_anchors) logits, or None
 """
-import dataclasses
 import math
-from typing import Callable, Optional
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.models.heads.head import image_valid
+from jaxdet.priors import valid_flags
+
 _normal_init = nn.initializers.normal(stddev=0.01)
 
-
-@dataclasses.dataclass(frozen=True)
-class DenseDetectorHead:
-  """What a one-stage detector adds to backbone + neck: three functions of `config.model.head`.
-
-  module(head_cfg, num_classes, dtype) -> a Flax module (usually a configured `DenseHead`);
-  loss(outputs, batch, head_cfg, *, axis_name=None) -> dict of scalars (`loss_*` are summed);
-  predict(outputs, batch, head_cfg, test_cfg) -> `Predictions` with a leading batch axis.
-  Each head file defines one as `HEAD`; `jaxdet.models.detectors` registers them by name.
-  """
-  module: Callable
-  loss: Callable
-  predict: Callable
+# mmdetection's names of `DenseHead`'s towers and scales (bbox_head.*, as its ATSSHead, RetinaHead
+# and FCOSHead name them); each head file adds its output convs.
+DENSE_HEAD_TORCH_NAMES = (
+    (r'(cls|reg)_convs\.(\d+)\.conv', r'\1_convs_\2'),
+    (r'(cls|reg)_convs\.(\d+)\.gn', r'\1_gns_\2'),
+    (r'scales\.(\d+)', r'scales_\1'),
+)
 
 
 def assigned_gt_boxes(gt_boxes, gt_index, fallback):
@@ -43,9 +39,47 @@ def assigned_gt_boxes(gt_boxes, gt_index, fallback):
   return jnp.where((gt_index >= 0)[..., None], rows, fallback[None])
 
 
-def mean_over_devices(x, axis_name):
-  """mmdetection's `reduce_mean`: the mean of `x` over the device axis (identity for None)."""
-  return jax.lax.pmean(x, axis_name) if axis_name is not None else x
+class AnchorTargets(NamedTuple):
+  """What the anchor-based heads' losses (ATSS, RetinaNet, SSD) share, for a batch of B images.
+
+  assign: the assigner's result, each field (B, A) (gt_index, labels, max_overlap).
+  pos: (B, A) bool positives; num_pos_per_image: (B,) int32.
+  cls_weights: (B, A) float32, 1 except for ignored anchors (gt_index -2: invalid anchors, those
+    of images with image_valid False, and the assigner's ignores) -- mmdetection drops those.
+  avg_factor: float32, the device's sum over its real images of max(num_pos, 1) (mmdetection's
+    PseudoSampler normaliser, not reduced across devices).
+  """
+  assign: NamedTuple
+  pos: jax.Array
+  num_pos_per_image: jax.Array
+  cls_weights: jax.Array
+  avg_factor: jax.Array
+
+
+def anchor_targets(assign_one, featmap_sizes, batch, *, strides, num_base_priors=1):
+  """Assigns every image of `batch` (vmapped) and derives the shared loss quantities.
+
+  Args:
+    assign_one: `assign_one(gt_boxes (G, 4), gt_labels (G,), gt_mask (G,), valid (A,))` -> an
+      assignment with per-anchor `gt_index`, `labels`, `max_overlap` (one image).
+    featmap_sizes: static ((h, w), ...) per level; strides: per level.
+    batch: gt_boxes (B, G, 4), gt_labels (B, G), gt_mask (B, G), pad_shape (B, 2), and
+      image_valid (B,) (optional: all True).
+    num_base_priors: anchors per location (RetinaNet 9).
+  Valid anchors are those inside each image's padded shape (mmdetection's valid flags); an image
+  with image_valid False has none and no gt, so it adds nothing to any loss or normaliser.
+  """
+  real = image_valid(batch)
+  valid = valid_flags(featmap_sizes, batch['pad_shape'], strides=tuple(strides),
+                      num_base_priors=num_base_priors) & real[:, None]
+  gt_mask = batch['gt_mask'] & real[:, None]
+  assign = jax.vmap(assign_one)(batch['gt_boxes'], batch['gt_labels'], gt_mask, valid)
+  pos = assign.gt_index >= 0
+  num_pos_per_image = pos.sum(axis=1)
+  avg_factor = jnp.where(real, jnp.maximum(num_pos_per_image, 1), 0).sum().astype(jnp.float32)
+  return AnchorTargets(assign=assign, pos=pos, num_pos_per_image=num_pos_per_image,
+                       cls_weights=(assign.gt_index != -2).astype(jnp.float32),
+                       avg_factor=avg_factor)
 
 
 class Scale(nn.Module):
@@ -113,7 +147,8 @@ class DenseHead(nn.Module):
       x = nn.relu(x)
     return x
 
-  def __call__(self, feats):
+  def __call__(self, feats, img_shape=None, input_shape=None, train: bool = False):
+    del img_shape, input_shape, train  # the same computation for training and testing
     if len(feats) != self.num_levels:
       raise ValueError(f'DenseHead got {len(feats)} levels, configured for {self.num_levels}')
     cls_out, reg_out, ctr_out = [], [], []

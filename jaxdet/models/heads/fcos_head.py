@@ -38,8 +38,11 @@ import jax.numpy as jnp
 
 from jaxdet import losses
 from jaxdet.assigners.fcos import fcos_assign
-from jaxdet.models.heads.dense_head import DenseDetectorHead, DenseHead, mean_over_devices
-from jaxdet.models.postprocess import featmap_sizes_of, flatten_levels, predict_batch
+from jaxdet.models.heads.dense_head import DENSE_HEAD_TORCH_NAMES, DenseHead
+from jaxdet.models.heads.head import Head, image_valid
+from jaxdet.models.heads.levels import featmap_sizes_of, flatten_levels
+from jaxdet.models.postprocess import predict_batch
+from jaxdet.models.registry import HEADS
 from jaxdet.ops.coders import distance_decode
 from jaxdet.priors import level_counts, point_grid
 
@@ -71,7 +74,8 @@ def fcos_loss(outputs, batch, head_cfg, *, axis_name=None):
   Args:
     outputs: the head's `(cls, reg, centerness)`, each a tuple over levels of (B, H_l, W_l, .):
       class logits (C), raw scaled regression (4), centerness logits (1).
-    batch: `gt_boxes (B, G, 4)` xyxy input pixels, `gt_labels (B, G)`, `gt_mask (B, G)`.
+    batch: `gt_boxes (B, G, 4)` xyxy input pixels, `gt_labels (B, G)`, `gt_mask (B, G)`,
+      `image_valid (B,)` (images with False add nothing).
     head_cfg: `config.model.head`.
     axis_name: the device axis for mmdetection's `reduce_mean` of the normalisers, or None.
   Returns:
@@ -92,14 +96,20 @@ def fcos_loss(outputs, batch, head_cfg, *, axis_name=None):
       regress_ranges=_regress_ranges(head_cfg),
       center_sampling=head_cfg.get('center_sampling', False),
       center_sample_radius=head_cfg.get('center_sample_radius', 1.5), norm_on_bbox=norm_on_bbox)
-  targets = jax.vmap(assign_one)(batch['gt_boxes'], batch['gt_labels'], batch['gt_mask'])
+  # FCOS (as mmdetection) has no valid flags: every point of a real image is a positive or a
+  # negative, also in its padding; an image with image_valid False adds nothing.
+  real = image_valid(batch)
+  targets = jax.vmap(assign_one)(batch['gt_boxes'], batch['gt_labels'],
+                                 batch['gt_mask'] & real[:, None])
   pos = targets.gt_index >= 0                                      # (B, P)
   num_pos = pos.sum().astype(jnp.float32)
-  avg_factor = jnp.maximum(mean_over_devices(num_pos, axis_name), 1.)
+  avg_factor = jnp.maximum(losses.mean_over_devices(num_pos, axis_name), 1.)
 
-  loss_cls = losses.sigmoid_focal_loss(cls_logits, targets.labels, alpha=head_cfg.focal_alpha,
-                                       gamma=head_cfg.focal_gamma, reduction='mean',
-                                       avg_factor=avg_factor)
+  loss_cls = losses.sigmoid_focal_loss(cls_logits, targets.labels,
+                                       jnp.broadcast_to(real[:, None], pos.shape).astype(
+                                           jnp.float32),
+                                       alpha=head_cfg.focal_alpha, gamma=head_cfg.focal_gamma,
+                                       reduction='mean', avg_factor=avg_factor)
 
   # Only positives are decoded: elsewhere the raw output is replaced by 0 before exp, so that
   # neither an overflowing exp nor its gradient can reach the (zero-weighted) sum.
@@ -107,7 +117,7 @@ def fcos_loss(outputs, batch, head_cfg, *, axis_name=None):
   pred_boxes = distance_decode(points[None], dist)
   target_boxes = distance_decode(points[None], targets.bbox_targets)
   ctr_targets = jax.lax.stop_gradient(targets.centerness_targets)  # 0 off positives
-  ctr_denorm = jnp.maximum(mean_over_devices(ctr_targets.sum(), axis_name), 1e-6)
+  ctr_denorm = jnp.maximum(losses.mean_over_devices(ctr_targets.sum(), axis_name), 1e-6)
   loss_bbox = losses.iou_loss(pred_boxes, target_boxes, ctr_targets, mode='log', eps=1e-6,
                               reduction='mean', avg_factor=ctr_denorm)
   loss_ctr = losses.binary_cross_entropy_with_logits(ctr_logits, ctr_targets,
@@ -134,4 +144,8 @@ def fcos_predict(outputs, batch, head_cfg, test_cfg):
   return predict_batch(cls_out, reg_out, ctr_out, jnp.asarray(priors), decode, batch, test_cfg)
 
 
-HEAD = DenseDetectorHead(module=fcos_head_module, loss=fcos_loss, predict=fcos_predict)
+# mmdetection's FCOSHead names (bbox_head.*), for checkpoint conversion.
+TORCH_NAMES = DENSE_HEAD_TORCH_NAMES + ((r'conv_(cls|reg|centerness)', r'conv_\1'),)
+
+HEAD = HEADS.register('fcos', Head(module=fcos_head_module, loss=fcos_loss,
+                                   predict=fcos_predict, torch_names=TORCH_NAMES))

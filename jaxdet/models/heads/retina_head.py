@@ -26,16 +26,18 @@ Loss (`retina_loss`, a pure function of the head outputs and the batch), per dev
       the ATSS / FCOS heads do: every positive then weighs the same on all devices.
   On one device (`axis_name=None`) both are the same.
 """
-import jax
 import jax.numpy as jnp
 
 from jaxdet import losses
 from jaxdet.assigners.max_iou import max_iou_assign
-from jaxdet.models.heads.dense_head import (DenseDetectorHead, DenseHead, assigned_gt_boxes,
-                                            mean_over_devices)
-from jaxdet.models.postprocess import featmap_sizes_of, flatten_levels, predict_batch
+from jaxdet.models.heads.dense_head import (DENSE_HEAD_TORCH_NAMES, DenseHead, anchor_targets,
+                                            assigned_gt_boxes)
+from jaxdet.models.heads.head import Head
+from jaxdet.models.heads.levels import featmap_sizes_of, flatten_levels
+from jaxdet.models.postprocess import predict_batch
+from jaxdet.models.registry import HEADS
 from jaxdet.ops.coders import delta_decode, delta_encode
-from jaxdet.priors import anchor_grid, valid_flags
+from jaxdet.priors import anchor_grid
 
 AVG_FACTORS = ('device', 'global')
 
@@ -69,7 +71,7 @@ def retina_loss(outputs, batch, head_cfg, *, axis_name=None):
     outputs: the head's `(cls, reg, None)`, cls / reg tuples over levels of (B, H_l, W_l, 9 * C)
       and (B, H_l, W_l, 9 * 4).
     batch: `gt_boxes (B, G, 4)` xyxy input pixels, `gt_labels (B, G)`, `gt_mask (B, G)`,
-      `pad_shape (B, 2)` (h, w).
+      `pad_shape (B, 2)` (h, w), `image_valid (B,)` (images with False add nothing).
     head_cfg: `config.model.head` (strides, ratios, octave_base_scale, scales_per_octave,
       pos_iou_thr, neg_iou_thr, min_pos_iou, target_means, target_stds, focal_alpha,
       focal_gamma, loss_cls_weight, loss_bbox_weight, avg_factor ('device' or 'global')).
@@ -89,20 +91,16 @@ def retina_loss(outputs, batch, head_cfg, *, axis_name=None):
   cls_logits = flatten_levels(cls_out, num_classes).astype(jnp.float32)  # (B, A, C)
   deltas = flatten_levels(reg_out, 4).astype(jnp.float32)                # (B, A, 4)
 
-  valid = valid_flags(sizes, batch['pad_shape'], strides=tuple(head_cfg.strides),
-                      num_base_priors=nb)
   assign_one = lambda boxes, labels, mask, valid: max_iou_assign(
       anchors, boxes, labels, mask, pos_iou_thr=head_cfg.pos_iou_thr,
       neg_iou_thr=head_cfg.neg_iou_thr, min_pos_iou=head_cfg.min_pos_iou, valid=valid)
-  assign = jax.vmap(assign_one)(batch['gt_boxes'], batch['gt_labels'], batch['gt_mask'], valid)
-  pos = assign.gt_index >= 0                                   # (B, A)
-  num_pos_per_image = pos.sum(axis=1)
-  avg_factor = jnp.maximum(num_pos_per_image, 1).sum().astype(jnp.float32)
+  t = anchor_targets(assign_one, sizes, batch, strides=head_cfg.strides, num_base_priors=nb)
+  pos, assign = t.pos, t.assign                               # (B, A)
+  avg_factor = t.avg_factor
   if mode == 'global':
-    avg_factor = mean_over_devices(avg_factor, axis_name)
+    avg_factor = losses.mean_over_devices(avg_factor, axis_name)
 
-  loss_cls = losses.sigmoid_focal_loss(cls_logits, assign.labels,
-                                       (assign.gt_index != -2).astype(jnp.float32),
+  loss_cls = losses.sigmoid_focal_loss(cls_logits, assign.labels, t.cls_weights,
                                        alpha=head_cfg.focal_alpha, gamma=head_cfg.focal_gamma,
                                        reduction='mean', avg_factor=avg_factor)
 
@@ -114,7 +112,7 @@ def retina_loss(outputs, batch, head_cfg, *, axis_name=None):
                              avg_factor=avg_factor)
   return dict(loss_cls=head_cfg.loss_cls_weight * loss_cls,
               loss_bbox=head_cfg.loss_bbox_weight * loss_bbox,
-              num_pos=num_pos_per_image.sum().astype(jnp.float32),
+              num_pos=t.num_pos_per_image.sum().astype(jnp.float32),
               avg_factor=avg_factor)
 
 
@@ -131,4 +129,8 @@ def retina_predict(outputs, batch, head_cfg, test_cfg):
                        num_base_priors=num_base_anchors(head_cfg))
 
 
-HEAD = DenseDetectorHead(module=retina_head_module, loss=retina_loss, predict=retina_predict)
+# mmdetection's RetinaHead names (bbox_head.*), for checkpoint conversion.
+TORCH_NAMES = DENSE_HEAD_TORCH_NAMES + ((r'retina_(cls|reg)', r'conv_\1'),)
+
+HEAD = HEADS.register('retinanet', Head(module=retina_head_module, loss=retina_loss,
+                                        predict=retina_predict, torch_names=TORCH_NAMES))

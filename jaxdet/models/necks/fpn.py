@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.models.registry import NECKS, Part
+
 
 def _conv(features, kernel, stride=1, name=None, dtype=None):
   pad = kernel // 2
@@ -44,7 +46,8 @@ class FPN(nn.Module):
   dtype: jnp.dtype = None
 
   @nn.compact
-  def __call__(self, feats: Sequence[jax.Array]):
+  def __call__(self, feats: Sequence[jax.Array], train: bool = False):
+    del train  # no BN / dropout
     extra_mode = self.add_extra_convs
     if extra_mode is True:
       extra_mode = 'on_input'
@@ -73,3 +76,16 @@ class FPN(nn.Module):
           x = nn.relu(x)
         outs.append(_conv(self.out_channels, 3, 2, name=f'fpn_convs_{i}', dtype=self.dtype)(x))
     return tuple(outs)
+
+
+def from_config(cfg, dtype=None):
+  """The FPN of `config.model.neck` (type 'fpn')."""
+  return FPN(out_channels=cfg.out_channels, num_outs=cfg.num_outs, start_level=cfg.start_level,
+             add_extra_convs=cfg.add_extra_convs,
+             relu_before_extra_convs=cfg.relu_before_extra_convs, dtype=dtype)
+
+
+# mmdetection's FPN names: mmcv ConvModule's `.conv` inside lateral_convs / fpn_convs.
+TORCH_NAMES = ((r'(lateral_convs|fpn_convs)\.(\d+)\.conv', r'\1_\2'),)
+
+NECKS.register('fpn', Part(build=from_config, torch_names=TORCH_NAMES))
