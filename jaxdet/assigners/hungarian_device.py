@@ -48,72 +48,72 @@ def solve_rows(a, row_valid, col_valid):
   rows, cols, bidx = jnp.arange(num_r), jnp.arange(num_c), jnp.arange(num_b)
 
   # Exact warm start: row minima as potentials, each column to the first row whose minimum it is.
-  u = jnp.where(row_valid, jnp.min(jnp.where(col_valid[:, None, :], a, jnp.inf), axis=2), 0.)
-  first_min = _first(col_valid[:, None, :] & (a == u[:, :, None]), axis=2)  # (B, R)
+  row_min = jnp.where(row_valid, jnp.min(jnp.where(col_valid[:, None, :], a, jnp.inf), axis=2), 0.)
+  first_min = _first(col_valid[:, None, :] & (a == row_min[:, :, None]), axis=2)  # (B, R)
   hits = (first_min[:, :, None] == cols) & row_valid[:, :, None]  # (B, R, C)
   row4col = _first(hits, axis=1)
   col4row = jnp.where(row_valid & (jnp.take_along_axis(row4col, first_min, 1) == rows),
                       first_min, -1)
+  # The rows left to insert, in order (a matched row stays matched): (B, R), then R.
+  to_insert = jnp.sort(jnp.where(row_valid & (col4row < 0), rows, num_r), axis=1)
 
+  # Row potentials are not stored: a matched row r's is a[r, col4row[r]] - v[col4row[r]] (its
+  # reduced cost is 0), and the row being inserted keeps its row minimum until it is matched.
   state = dict(
       trips=jnp.int32(0),
       done=jnp.zeros((num_b,), bool),
-      cur=jnp.full((num_b,), -1, jnp.int32),  # the row being inserted; -1: pick the next one
+      inserted=jnp.zeros((num_b,), jnp.int32),  # rows of to_insert started so far
+      cur=jnp.full((num_b,), -1, jnp.int32),  # the row being inserted; -1: start the next one
       row=jnp.zeros((num_b,), jnp.int32),  # the row scanned next
       min_val=jnp.zeros((num_b,), jnp.float32),  # distance of the last column reached
-      u=u, v=jnp.zeros((num_b, num_c), jnp.float32),
+      v=jnp.zeros((num_b, num_c), jnp.float32),
       col4row=col4row, row4col=row4col,
-      dist=jnp.zeros((num_b, num_c), jnp.float32),  # shortest path distances of this search
-      row_dist=jnp.zeros((num_b, num_r), jnp.float32),  # distance at which each row was reached
+      dist=jnp.full((num_b, num_c), jnp.inf),  # shortest path distances of this search
       path=jnp.zeros((num_b, num_c), jnp.int32),  # the row each column was reached from
-      seen_rows=jnp.zeros((num_b, num_r), bool),
       seen_cols=jnp.zeros((num_b, num_c), bool))
   # Each search reaches at most C columns; the bound only guards against NaN costs.
   max_trips = num_r * (num_c + 1) + 1
+  col_key = cols.astype(jnp.float32)
 
   def cond(s):
     return (~jnp.all(s['done'])) & (s['trips'] < max_trips)
 
   def body(s):
-    # Problems between rows pick their next unmatched valid row (or finish).
+    # Problems between rows start their next row (or finish).
     need = (s['cur'] < 0) & ~s['done']
-    nxt = _first(row_valid & (s['col4row'] < 0), axis=1)
-    start = need & (nxt >= 0)
-    done = s['done'] | (need & (nxt < 0))
+    nxt = to_insert[bidx, jnp.minimum(s['inserted'], num_r - 1)]
+    start = need & (nxt < num_r)
+    done = s['done'] | (need & (nxt >= num_r))
+    active = ~done
     cur = jnp.where(start, nxt, s['cur'])
     row = jnp.where(start, nxt, s['row'])
     min_val = jnp.where(start, 0., s['min_val'])
-    dist = jnp.where(start[:, None], jnp.inf, s['dist'])
-    seen_cols = s['seen_cols'] & ~start[:, None]
-    seen_rows = jnp.where(start[:, None], rows == nxt[:, None], s['seen_rows'])
-    active = ~done
+    v, row4col, col4row, dist = s['v'], s['row4col'], s['col4row'], s['dist']
 
     # One Dijkstra step: relax the columns from `row`, reach the nearest one.
-    u, v, row4col, col4row = s['u'], s['v'], s['row4col'], s['col4row']
-    reduced = min_val[:, None] + a[bidx, row] - u[bidx, row][:, None] - v
-    remaining = col_valid & ~seen_cols & active[:, None]
+    a_row = a[bidx, row]
+    own = jnp.maximum(col4row[bidx, row], 0)
+    u_row = jnp.where(row == cur, row_min[bidx, row], a_row[bidx, own] - v[bidx, own])
+    reduced = min_val[:, None] + a_row - u_row[:, None] - v
+    remaining = col_valid & ~s['seen_cols'] & active[:, None]
     better = remaining & (reduced < dist)
     dist = jnp.where(better, reduced, dist)
     path = jnp.where(better, row[:, None], s['path'])
     cand = jnp.where(remaining, dist, jnp.inf)
     lowest = cand.min(1)
-    at_lowest = remaining & (cand == lowest[:, None])
-    free_lowest = _first(at_lowest & (row4col < 0), axis=1)  # prefer a free column among equals
-    col = jnp.where(free_lowest >= 0, free_lowest, _first(at_lowest, axis=1))
+    # The first free column among the nearest, else the first of them.
+    key = jnp.where(remaining & (cand == lowest[:, None]),
+                    col_key + jnp.where(row4col < 0, 0., num_c), 2. * num_c)
+    col = (key.min(1).astype(jnp.int32) % num_c)
     min_val = jnp.where(active, lowest, min_val)
-    seen_cols = seen_cols | (active[:, None] & (cols == col[:, None]))
+    seen_cols = s['seen_cols'] | (active[:, None] & (cols == col[:, None]))
     owner = row4col[bidx, col]
     sink = active & (owner < 0)
-    onward = active & (owner >= 0)
-    row = jnp.where(onward, owner, row)
-    reached = onward[:, None] & (rows == owner[:, None])
-    seen_rows = seen_rows | reached
-    row_dist = jnp.where(reached, min_val[:, None], s['row_dist'])
+    row = jnp.where(active & (owner >= 0), owner, row)
 
-    # Found a free column: update the potentials, then flip the path back to `cur`.
-    du = jnp.where(rows == cur[:, None], min_val[:, None], min_val[:, None] - row_dist)
-    u = jnp.where(sink[:, None] & seen_rows, u + du, u)
+    # Found a free column: update the column potentials, flip the path back to `cur`, reset.
     v = jnp.where(sink[:, None] & seen_cols, v - (min_val[:, None] - dist), v)
+    dist = jnp.where(sink[:, None], jnp.inf, dist)
 
     def flip(carry):
       col_at, going, col4row, row4col = carry
@@ -126,9 +126,10 @@ def solve_rows(a, row_valid, col_valid):
 
     _, _, col4row, row4col = jax.lax.while_loop(
         lambda c: c[1].any(), flip, (jnp.where(sink, col, 0), sink, col4row, row4col))
-    return dict(trips=s['trips'] + 1, done=done, cur=jnp.where(sink, -1, cur), row=row,
-                min_val=min_val, u=u, v=v, col4row=col4row, row4col=row4col, dist=dist,
-                row_dist=row_dist, path=path, seen_rows=seen_rows, seen_cols=seen_cols)
+    return dict(trips=s['trips'] + 1, done=done, inserted=s['inserted'] + start,
+                cur=jnp.where(sink, -1, cur), row=row, min_val=min_val, v=v, col4row=col4row,
+                row4col=row4col, dist=dist, path=path,
+                seen_cols=seen_cols & ~sink[:, None])
 
   out = jax.lax.while_loop(cond, body, state)
   return out['col4row'], out['row4col'], out['trips']
