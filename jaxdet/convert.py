@@ -61,12 +61,21 @@ def convert_mmdet_checkpoint(config, in_path, out_dir, *, config_name=''):
   return variables, skipped
 
 
+USAGE = config_cli.Usage(
+    command='python -m jaxdet.convert',
+    summary='An mmdetection 3.x checkpoint -> a jaxdet checkpoint that jaxdet.evaluate and '
+            'load_from read (strict: every tensor used, every parameter filled).',
+    flags=(('--from-mmdet FILE.pth', "an mmdetection 3.x detector checkpoint (reading it needs "
+                                     'PyTorch)', True),
+           ('--out DIR', 'a new (or empty) folder for the jaxdet checkpoint', True)),
+    more='python -m pydoc jaxdet.convert (which checkpoints, which config); README.md '
+         '"Pretrained backbones and mmdetection checkpoints".')
+
+
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  spec, overrides, flags = config_cli.parse_args(argv, known_flags=('from_mmdet', 'out'))
-  if flags.get('help'):
-    print(__doc__)
-    return None
+  spec, overrides, flags = config_cli.parse_args(argv, known_flags=('from_mmdet', 'out'),
+                                                 usage=USAGE)
   if not isinstance(flags.get('from_mmdet'), str) or not isinstance(flags.get('out'), str):
     raise ValueError('usage: python -m jaxdet.convert --config CONFIG.py --from-mmdet IN.pth '
                      '--out DIR')

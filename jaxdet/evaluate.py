@@ -25,9 +25,19 @@ from jaxdet.models.detectors import build_detector, compute_dtype
 checkpoint_dir = ckpt.resolve_checkpoint   # (directory, step) of a work_dir / checkpoints / step
 
 
+USAGE = config_cli.Usage(
+    command='python -m jaxdet.evaluate',
+    summary="Evaluate a checkpoint on the config's val set with pycocotools (COCO mAP).",
+    flags=(('--checkpoint DIR', "a run's work_dir (its latest checkpoint), its checkpoints folder "
+                                'or one step folder', True),
+           ('--out FILE', 'also write the COCO metrics (mAP, AP50, ...) to this JSON file')),
+    more='README.md "Training, evaluation, overrides"; the config file\'s docstring.')
+
+
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  spec, overrides, flags = config_cli.parse_args(argv)
+  spec, overrides, flags = config_cli.parse_args(argv, known_flags=('checkpoint', 'out'),
+                                                 usage=USAGE)
   if not flags.get('checkpoint'):
     raise ValueError('--checkpoint DIR is required (a work_dir or its checkpoints folder)')
   config = config_cli.load_config(spec, overrides)

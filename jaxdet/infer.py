@@ -115,14 +115,26 @@ def _check_readable(path, skip):
     return False
 
 
+USAGE = config_cli.Usage(
+    command='python -m jaxdet.infer',
+    summary='Detect objects in your images with a trained checkpoint; draw them and/or write '
+            'COCO-style JSON.',
+    flags=(('--checkpoint DIR', "a run's work_dir, its checkpoints folder or a step folder", True),
+           ('--out OUTDIR', 'write each image with its detections drawn here'),
+           ('--out-json FILE', 'write the detections as COCO-style JSON (--out and/or this)'),
+           ('--score-thr T', 'keep detections scoring >= T (default 0.3)'),
+           ('--batch-size N', 'images per device per batch (default: data.val.samples_per_gpu)'),
+           ('--skip-bad-images', 'skip missing or unreadable images with a warning')),
+    positional='IMAGES_OR_FOLDERS...',
+    more='python -m pydoc jaxdet.infer (file names, JSON fields); README.md '
+         '"Inference and fine-tuning".')
+
+
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   spec, overrides, flags = config_cli.parse_args(argv, known_flags=FLAGS,
                                                  bool_flags=('skip_bad_images',),
-                                                 positional='images')
-  if flags.get('help'):
-    print(__doc__)
-    return 0
+                                                 positional='images', usage=USAGE)
   for flag in ('checkpoint',):
     if not flags.get(flag) or flags[flag] is True:
       raise ValueError(f'--{flag} DIR is required (a work_dir, its checkpoints folder or a step '

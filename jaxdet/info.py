@@ -42,11 +42,19 @@ def count_flops(config):
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
+USAGE = config_cli.Usage(
+    command='python -m jaxdet.info',
+    summary="Parameter counts of a config's detector (total, backbone, neck, head; BN statistics "
+            'excluded, as mmdetection counts), without allocating its weights.',
+    flags=(('--flops', "also the forward FLOPs at the config's test input size (XLA)"),),
+    more='README.md "Models" (the counts of every config).')
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   want_flops = '--flops' in argv
   argv = [a for a in argv if a != '--flops']
-  spec, overrides, _ = config_cli.parse_args(argv)
+  spec, overrides, _ = config_cli.parse_args(argv, usage=USAGE)
   config = config_cli.load_config(spec, overrides)
   counts = count_params(config)
   print(f"total {counts['total']:,}")

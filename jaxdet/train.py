@@ -311,9 +311,22 @@ def initialize_distributed(flags):
   jax.distributed.initialize(**kwargs)
 
 
+USAGE = config_cli.Usage(
+    command='python -m jaxdet.train',
+    summary='Train a detector, evaluate it with pycocotools, checkpoint; the same command with '
+            'the same work_dir resumes.',
+    flags=(('--workdir DIR', "checkpoints, logs and results (default: the config's work_dir)"),
+           ('--coordinator_address HOST:PORT', 'multi-host: the coordinator (implies distributed)'),
+           ('--num_processes N', 'multi-host: the number of processes'),
+           ('--process_id I', "multi-host: this process's index")),
+    more="the config file's docstring (command, time, result), e.g. configs/atss.py; README.md "
+         '"Training, evaluation, overrides"; python -m pydoc jaxdet.train.')
+
+
 def main(argv=None):
   spec, overrides, flags = config_cli.parse_args(
-      sys.argv[1:] if argv is None else argv, known_flags=('workdir',) + DISTRIBUTED_FLAGS)
+      sys.argv[1:] if argv is None else argv, known_flags=('workdir',) + DISTRIBUTED_FLAGS,
+      usage=USAGE)
   config = config_cli.load_config(spec, overrides)
   if config.distributed or any(flags.get(name) is not None for name in DISTRIBUTED_FLAGS):
     initialize_distributed(flags)

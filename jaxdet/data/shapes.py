@@ -358,12 +358,21 @@ def img_dir(root, split):
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog='python -m jaxdet.data.shapes',
-      description='Write the built-in shapes detection dataset as a COCO folder.')
-  parser.add_argument('--out', help='output folder (must not exist or be empty)')
-  parser.add_argument('--num-train', type=int, default=2000)
-  parser.add_argument('--num-val', type=int, default=200)
-  parser.add_argument('--size', type=int, default=192, help='image side in pixels')
-  parser.add_argument('--seed', type=int, default=0)
+      usage='%(prog)s --out DIR [--num-train N] [--num-val N] [--size PX] [--seed S] '
+            '[--workers N]',
+      description='Write the built-in shapes detection dataset as a COCO folder.',
+      epilog="more: python -m pydoc jaxdet.data.shapes (the classes, the folder layout); "
+             "training uses it through data.source='shapes' (configs/_base_/smoke.py).")
+  parser.add_argument('--out', metavar='DIR',
+                      help='output folder (must not exist or be empty) (required)')
+  parser.add_argument('--num-train', type=int, default=2000, metavar='N',
+                      help='training images (default 2000)')
+  parser.add_argument('--num-val', type=int, default=200, metavar='N',
+                      help='validation images (default 200)')
+  parser.add_argument('--size', type=int, default=192, metavar='PX',
+                      help='image side in pixels (default 192)')
+  parser.add_argument('--seed', type=int, default=0, metavar='S',
+                      help='image i of a split depends only on (seed, split, i) (default 0)')
   parser.add_argument('--workers', type=int, default=None,
                       help='rendering processes (default: CPU count, up to 8)')
   parser.add_argument('--worker-jobs', help=argparse.SUPPRESS)   # internal: one subprocess
