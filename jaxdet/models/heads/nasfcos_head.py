@@ -1,5 +1,9 @@
 """NAS-FCOS's searched head as mmdetection 3.3's `NASFCOSHead` (an `FCOSHead`), NHWC.
 
+Registered as `config.model.type = 'nas_fcos'`: this module with FCOS's loss and prediction
+(`fcos_head.fcos_loss` / `fcos_predict`: assignment by regress ranges, focal + IoU + centerness
+BCE, NMS), as mmdetection's `NASFCOSHead` inherits them from `FCOSHead`.
+
 Each branch (classification, regression) is the searched tower, every op an mmcv `ConvModule`
 (conv -> GroupNorm -> ReLU), 256 channels:
 
@@ -31,7 +35,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdet.models.heads.dense_head import Scale
+from jaxdet.models.heads.fcos_head import fcos_loss, fcos_predict
+from jaxdet.models.heads.head import Head
 from jaxdet.models.layers.deform_conv import ModulatedDeformConv2dPack
+from jaxdet.models.registry import HEADS
 
 caffe2_xavier = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 _normal_init = nn.initializers.normal(stddev=0.01)
@@ -115,3 +122,6 @@ TORCH_NAMES = (
     (r'scales\.(\d+)', r'scales_\1'),
     (r'conv_(cls|reg|centerness)', r'conv_\1'),
 )
+
+HEAD = HEADS.register('nas_fcos', Head(module=nasfcos_head_module, loss=fcos_loss,
+                                       predict=fcos_predict, torch_names=TORCH_NAMES))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdet.models.layers.deform_conv import ModulatedDeformConv2dPack
+from jaxdet.models.registry import NECKS, Part
 
 # mmdetection's cells in creation (= execution) order: name -> (with_input1_conv,
 # with_input2_conv); the digits of the name index the two inputs in the growing feature list.
@@ -247,3 +248,5 @@ TORCH_NAMES = (
     (r'fpn\.(c\d\d(?:_\d)?)\.(input[12]_conv)\.conv\.conv_offset', r'\1/\2/conv/conv_offset'),
     (r'extra_downsamples\.(\d+)\.conv', r'extra_downsamples_\1'),
 )
+
+NECKS.register('nasfcos_fpn', Part(build=from_config, torch_names=TORCH_NAMES))

@@ -1,0 +1,59 @@
+"""NAS-FCOS R50-caffe, NAS-FCOS FPN + NAS head, GN head, 1x, 4 x 4 images on COCO (mmdetection's
+`nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco`: 39.4 box AP), and its smoke run.
+
+COCO (16 images per step, e.g. 4 devices x 4 images; 12 epochs):
+  python -m jaxdet.train --config configs/nas_fcos.py --workdir work_dirs/nas_fcos_r50_caffe \
+      --config.data.train.ann_file=data/coco/annotations/instances_train2017.json \
+      --config.data.train.img_dir=data/coco/train2017 \
+      --config.data.val.ann_file=data/coco/annotations/instances_val2017.json \
+      --config.data.val.img_dir=data/coco/val2017
+The backbone is a caffe-style ResNet-50 with BN eps 0, frozen, started from detectron2's MSRA
+ImageNet weights (mmdetection's 'open-mmlab://detectron2/resnet50_caffe'), read from
+checkpoints/resnet50_msra-5891d200.pth at init; get it once:
+  mkdir -p checkpoints && wget -P checkpoints \
+      https://download.openmmlab.com/pretrain/third_party/resnet50_msra-5891d200.pth
+Optimizer as mmdetection's config: SGD lr 0.01 for 16 images, momentum 0.9, weight decay 1e-4,
+paramwise bias_lr_mult 2 and bias_decay_mult 0 with norm_decay_mult not set (mmengine: biases of
+BN / GN layers keep lr x1 and get no decay; the DCN offset convs' biases keep lr x1 and decay
+1e-4); no gradient clipping; linear warmup from 0.001 over 500 steps; 12 epochs, x0.1 at 8 and 11.
+Parameters: 38,567,674 (backbone 23,508,032, neck 10,690,696, head 4,368,946), as mmdetection's.
+Smoke (the same detector, small, on the built-in shapes dataset):
+  python -m jaxdet.train --config configs/nas_fcos.py:smoke
+"""
+from configs._base_ import data, nas_fcos_r50_caffe, optimizer, runtime, schedule_1x
+from configs._base_ import smoke as _smoke
+from configs._base_.nas_fcos_r50_caffe import INF
+
+
+def get_config(arg=None):
+  config = runtime.get_config()
+  config.model = nas_fcos_r50_caffe.get_config(num_classes=80)
+  config.data = data.get_config()
+  config.data.source = 'coco'
+  config.data.samples_per_gpu = 4
+  nas_fcos_r50_caffe.caffe_pipeline(config.data.pipeline)
+  config.optimizer = optimizer.sgd(base_lr=0.01, weight_decay=1e-4, momentum=0.9)  # 16 images
+  config.optimizer.paramwise.update(bias_lr_mult=2.0, bias_decay_mult=0.0, norm_decay_mult=None)
+  config.schedule = schedule_1x.get_config()  # linear warmup 500 from 0.001, 12 epochs, 8 / 11
+  config.work_dir = 'work_dirs/nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco'
+  config.results_row = dict(network='NAS-FCOS', dataset='COCO', backbone='R-50', style='caffe',
+                            lr_schd='1x')
+  if arg == 'smoke':
+    smoke(config)
+  elif arg:
+    raise ValueError(f"configs/nas_fcos.py: unknown argument {arg!r} (have: 'smoke')")
+  return config
+
+
+def smoke(config):
+  """The same modules (searched FPN with DCNv2 cells and trained BN, searched head with DCNv2,
+  FCOS assignment / losses / post-processing), sized for a 2-core CPU (`configs/_base_/smoke.py`):
+  ResNet-18/4 trained whole, 64-channel FPN over P3-P5 (no extra levels), GN 16, regress ranges
+  halved as FCOS's smoke. The backbone's BN trains with batch statistics from scratch, so it
+  keeps eps 1e-5 (eps 0 divides by zero on a dead channel).
+  """
+  _smoke.shrink(config, name='nas_fcos', network='NAS-FCOS', style='caffe', epochs=7,
+                milestones=(6,), samples_per_gpu=8, base_lr=0.04)  # lr 0.02 at this batch of 8
+  config.model.backbone.update(norm_trainable=True, bn_eps=1e-5)
+  config.model.head.regress_ranges = ((-1, 32), (32, 64), (64, INF))
+  del config.model.head['num_convs']  # shrink()'s tower depth: the searched tower is fixed
