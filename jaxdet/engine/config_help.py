@@ -74,9 +74,8 @@ class Usage:
 
   def text(self, width=100):
     """The help text: usage line, summary, one line per flag, where to look next."""
-    wrap = lambda s, indent='': textwrap.fill(s, width, initial_indent=indent,
-                                             subsequent_indent=indent + '    ',
-                                             break_on_hyphens=False, break_long_words=False)
+    wrap = lambda s, hang='': textwrap.fill(s, width, subsequent_indent=hang,
+                                           break_on_hyphens=False, break_long_words=False)
     lines = ['usage:']
     for part in self.synopsis_parts():  # wrapped between flags, never inside one
       if len(lines[-1]) + 1 + len(part) > width and lines[-1].strip():
@@ -84,7 +83,7 @@ class Usage:
       lines[-1] += ('' if lines[-1].endswith(' ') else ' ') + part
     lines += ['', wrap(self.summary), '', 'flags:']
     rows = self.rows()
-    column = min(max(len(f) for f, _, _ in rows) + 4, 34)
+    column = min(max(len(f) for f, _, _ in rows) + 4, 30)
     for flag, meaning, required in rows:
       meaning = meaning + (' (required)' if required else '')
       head = f'  {flag}'
@@ -95,7 +94,7 @@ class Usage:
                                  subsequent_indent=' ' * column, break_on_hyphens=False,
                                  break_long_words=False))
     if self.more:
-      lines += ['', wrap('more: ' + self.more)]
+      lines += ['', wrap('more: ' + self.more, hang='      ')]
     return '\n'.join(lines)
 
 
