@@ -38,7 +38,8 @@ from jaxdet.models.detectors import build_detector
 def model_shapes(model_cfg):
   """The detector's `{'params', 'batch_stats'}` as ShapeDtypeStructs (no weights allocated)."""
   detector = build_detector(model_cfg)
-  shapes = jax.eval_shape(detector.init, jax.random.key(0), (1, 256, 256, 3))
+  # 512 px: every registered detector builds there (SSD300's last levels need >= 3 px maps)
+  shapes = detector.init_shapes((1, 512, 512, 3))
   return {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
 
 

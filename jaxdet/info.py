@@ -25,7 +25,7 @@ def _input_shape(config):
 def count_params(config):
   """dict(total, backbone, neck, head) parameter counts of `config.model` (shape-only init)."""
   detector = build_detector(config.model)
-  shapes = jax.eval_shape(detector.init, jax.random.key(0), _input_shape(config))['params']
+  shapes = detector.init_shapes(_input_shape(config))['params']
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   parts = {name: count(shapes[name]) for name in ('backbone', 'neck', 'head')}
   return dict(total=count(shapes), **parts)
@@ -35,7 +35,7 @@ def count_flops(config):
   """Forward FLOPs at the config's input size from XLA's cost analysis (no compilation)."""
   detector = build_detector(config.model)
   image = jax.ShapeDtypeStruct(_input_shape(config), jnp.float32)
-  variables = jax.eval_shape(detector.init, jax.random.key(0), image.shape)
+  variables = detector.init_shapes(image.shape)
   lowered = jax.jit(lambda v, x: detector.module.apply(v, x, train=False)).lower(variables, image)
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -12,7 +12,8 @@
   predict  `predict(outputs, batch) -> jaxdet.ops.nms.Predictions` with a leading batch axis,
            boxes in original-image pixels.
   init     `init(key, input_shape) -> variables` ({'params', 'batch_stats'?}) for images of
-           `input_shape` (B, H, W, 3); jit- and eval_shape-able; every caller initialises here.
+           `input_shape` (B, H, W, 3), a static tuple; every caller initialises here
+           (`init_shapes(input_shape)`: the same as ShapeDtypeStructs).
 The parts come from the registries (`jaxdet.models.registry`): `model.backbone.type`,
 `model.neck.type` and `model.type` (the head). Nothing here knows about pmap or the data
 pipeline.
@@ -22,12 +23,14 @@ import functools
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-# Importing the part modules registers them (one line per file).
-from jaxdet.models.backbones import resnet  # noqa: F401  pylint: disable=unused-import
-from jaxdet.models.heads import atss_head, fcos_head, retina_head  # noqa: F401
-from jaxdet.models.necks import fpn  # noqa: F401  pylint: disable=unused-import
+# Importing the part modules registers them (one line per file). pylint: disable=unused-import
+from jaxdet.models.backbones import resnet, vgg  # noqa: F401
+from jaxdet.models.heads import atss_head, fcos_head, nasfcos_head, retina_head  # noqa: F401
+from jaxdet.models.heads import ssd_head  # noqa: F401
+from jaxdet.models.necks import fpn, nasfcos_fpn, ssd_neck  # noqa: F401
 from jaxdet.models.registry import BACKBONES, HEADS, NECKS
 
 
@@ -59,6 +62,10 @@ class DetectorModel:
     images = jnp.zeros(tuple(input_shape), jnp.float32)
     img_shape = jnp.broadcast_to(jnp.asarray(input_shape[1:3], jnp.int32), (input_shape[0], 2))
     return self.module.init(key, images, img_shape, train=False)
+
+  def init_shapes(self, input_shape):
+    """`init`'s variables as ShapeDtypeStructs, nothing allocated (parameter counts, checks)."""
+    return jax.eval_shape(lambda key: self.init(key, tuple(input_shape)), jax.random.key(0))
 
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}

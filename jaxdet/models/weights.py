@@ -19,7 +19,8 @@ registered part's `torch_names`, e.g. `jaxdet.models.backbones.resnet.TORCH_NAME
 matches the whole path wins), the leaf through `_LEAVES`:
 
   weight (4-d, OIHW) -> params .../kernel (HWIO)   running_mean -> batch_stats .../mean
-  weight (2-d, Linear) -> params .../kernel (transposed)
+  weight (2-d, Linear) -> params .../kernel (transposed); nn.Embedding -> .../embedding (as is)
+  in_proj_weight / in_proj_bias (nn.MultiheadAttention) -> params .../in_proj/kernel, bias
   weight (1-d, a norm) -> params .../scale         running_var  -> batch_stats .../var
   bias -> params .../bias;  scale (mmcv's Scale) -> params .../scale
   num_batches_tracked -> skipped
@@ -54,6 +55,7 @@ KNOWN_WEIGHTS = {
     'resnet50_msra-5891d200.pth': _OPENMMLAB + 'resnet50_msra-5891d200.pth',
     'resnet101_caffe-3ad79236.pth': _OPENMMLAB + 'resnet101_caffe-3ad79236.pth',
     'resnet101_msra-6cc46731.pth': _OPENMMLAB + 'resnet101_msra-6cc46731.pth',
+    'vgg16_caffe-292e1171.pth': _OPENMMLAB + 'vgg16_caffe-292e1171.pth',  # 'open-mmlab://vgg16_caffe'
 }
 
 
@@ -91,7 +93,7 @@ def mmdet_rules(model_cfg):
                      'not supported (its Head has no torch_names)')
   return (prefixed('backbone.', 'backbone', BACKBONES.get(model_cfg['backbone']['type']).torch_names)
           + prefixed('neck.', 'neck', NECKS.get(model_cfg['neck']['type']).torch_names)
-          + prefixed('bbox_head.', 'head', head.torch_names))
+          + prefixed(head.torch_prefix, 'head', head.torch_names))
 
 
 _OIHW_TO_HWIO = (2, 3, 1, 0)
@@ -99,6 +101,9 @@ _OIHW_TO_HWIO = (2, 3, 1, 0)
 _LEAVES = {
     ('weight', 4): ('params', 'kernel', _OIHW_TO_HWIO),
     ('weight', 2): ('params', 'kernel', (1, 0)),        # nn.Linear (out, in) -> Dense (in, out)
+    # nn.MultiheadAttention's fused input projection (3D, D) -> a Dense `in_proj` (D, 3D)
+    ('in_proj_weight', 2): ('params', 'in_proj/kernel', (1, 0)),
+    ('in_proj_bias', None): ('params', 'in_proj/bias', None),
     ('weight', 1): ('params', 'scale', None),
     ('bias', None): ('params', 'bias', None),
     ('scale', None): ('params', 'scale', None),
@@ -144,6 +149,9 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], rules, target, *,
       continue
     collection, jax_leaf, transpose = leaf_rule
     key = (collection, f'{jax_module}/{jax_leaf}')
+    embedding = (collection, f'{jax_module}/embedding')
+    if leaf == 'weight' and value.ndim == 2 and key not in expected and embedding in expected:
+      key, transpose = embedding, None   # nn.Embedding (N, D) -> flax nn.Embed, as it is
     if key not in expected:
       unused.append(f'{name} {_shape(value.shape)} (-> {_key(key)}: not in the model)')
       continue

@@ -17,8 +17,8 @@ A `Head` is three functions of the config's `model.head` section, registered by 
   predict(outputs, batch, head_cfg, test_cfg) -> `jaxdet.ops.nms.Predictions` (B, K, ...): boxes in
     original-image pixels, fixed size K with a valid mask. Dense heads decode, filter and run
     NMS (`jaxdet.models.postprocess.predict_batch`); a set-prediction head (DETR) need not.
-  torch_names: ((regex, template), ...) for mmdetection's `bbox_head.*` tensors, relative to it
-    (`jaxdet.models.weights` adds the prefix).
+  torch_names: ((regex, template), ...) for mmdetection's tensors of the head, relative to
+    `torch_prefix` ('bbox_head.'; DETR keeps its transformer at the detector's top level: '').
 """
 import dataclasses
 from typing import Callable
@@ -33,6 +33,7 @@ class Head:
   loss: Callable
   predict: Callable
   torch_names: tuple = ()
+  torch_prefix: str = 'bbox_head.'
 
 
 def image_valid(batch):
