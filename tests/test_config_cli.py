@@ -323,8 +323,9 @@ def test_every_entry_point_answers_help():
   smoke = ['--config', 'configs/atss.py:smoke', '--config.optimizer.base_lr=0.5']
   runs = {(name, ('-h', '--help')[i % 2]): _start(name, ('-h', '--help')[i % 2])
           for i, name in enumerate(COMMANDS)}
-  runs['evaluate_config'] = _start('jaxdet.evaluate', *smoke, '--help')
-  runs['train_bad_key'] = _start('jaxdet.train', *smoke, '--config.optimizer.base_lrr=1', '-h')
+  runs['train_config'] = _start('jaxdet.train', *smoke, '--help')
+  runs['evaluate_bad_key'] = _start('jaxdet.evaluate', *smoke, '--config.optimizer.base_lrr=1',
+                                    '--print-config')
   results = {key: _finish(p) for key, p in runs.items()}
 
   for (name, flag), (code, out, err) in ((k, v) for k, v in results.items() if len(k) == 2):
@@ -337,12 +338,12 @@ def test_every_entry_point_answers_help():
     if name != 'jaxdet.data.shapes':
       assert '--config.KEY=VALUE' in out and 'more:' in out, (name, out)
 
-  code, out, err = results['evaluate_config']  # (evaluate: it would need --checkpoint otherwise)
+  code, out, err = results['train_config']  # the case: it used to start training
   assert code == 0, err
-  assert out.startswith('usage: python -m jaxdet.evaluate')
+  assert out.startswith('usage: python -m jaxdet.train')
   assert '\n# resolved config: configs/atss.py:smoke + 1 override(s)\n' in out
   assert 'optimizer.base_lr = 0.5' in out and "model.type = 'atss'" in out
-  code, out, err = results['train_bad_key']
+  code, out, err = results['evaluate_bad_key']  # before evaluate's '--checkpoint is required'
   assert code == 2 and out == ''
   assert err.strip() == ("error: unknown config key 'optimizer.base_lrr' "
                          "(did you mean 'optimizer.base_lr'?)")
