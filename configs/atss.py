@@ -21,7 +21,7 @@ Smoke (the same detector, small, on the built-in shapes dataset, no pretrained w
 min when the machine runs at its faster speed) to mAP 0.53 (AP50 0.71):
   python -m jaxdet.train --config configs/atss.py:smoke
 """
-from configs._base_ import atss_r50_fpn, data, runtime, schedule_1x, smoke
+from configs._base_ import atss_r50_fpn, data, optimizer, runtime, schedule_1x, smoke
 
 
 def get_config(arg=None):
@@ -30,7 +30,7 @@ def get_config(arg=None):
   config.data = data.get_config()
   config.data.source = 'coco'
   config.data.samples_per_gpu = 2
-  config.optimizer = schedule_1x.sgd(base_lr=0.01, weight_decay=1e-4)  # lr for 16 images
+  config.optimizer = optimizer.sgd(base_lr=0.01, weight_decay=1e-4)  # lr for 16 images
   config.schedule = schedule_1x.get_config()
   config.work_dir = 'work_dirs/atss_r50_fpn_1x_coco'
   config.results_row = dict(network='ATSS', dataset='COCO', backbone='R-50', style='pytorch',
@@ -44,8 +44,7 @@ def get_config(arg=None):
 
 def _smoke(config):
   """The same modules, assigner, losses and post-processing, sized for a 2-core CPU
-  (`configs/_base_/smoke.py`); anchors halved (octave_base_scale 4) for 8-96 px objects.
-  7 epochs (875 steps, x0.1 at 5 and 6): 0.530 mAP; 8 epochs (x0.1 at 6, 7) reach 0.567 but
-  took 9 min 40 s on the 2-core CPU at its slower speed, too close to the 10-minute budget."""
-  smoke.shrink(config, name='atss', network='ATSS', epochs=7, milestones=(5, 6))
-  config.model.head.octave_base_scale = 4
+  (`atss_r50_fpn.small`, `smoke.run_size`): batch 16 at lr 0.02, 7 epochs (875 steps, x0.1 at
+  5 and 6). Probes: experiments/README.md."""
+  atss_r50_fpn.small(config.model)
+  smoke.run_size(config, name='atss', network='ATSS', epochs=7, milestones=(5, 6))

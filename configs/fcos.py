@@ -22,9 +22,8 @@ backbone trains whole with trainable BN): mAP 0.480 (AP50 0.669, AP75 0.554) aft
 8 min 43 s on the 2-core CPU at its slow speed (~30 img/s), 5 min 11 s at its fast one (~50 img/s):
   python -m jaxdet.train --config configs/fcos.py:smoke
 """
-from configs._base_ import data, fcos_r50_caffe_fpn_gn, runtime, schedule_1x
+from configs._base_ import data, fcos_r50_caffe_fpn_gn, optimizer, runtime, schedule_1x
 from configs._base_ import smoke as _smoke
-from configs._base_.fcos_r50_caffe_fpn_gn import INF
 
 
 def get_config(arg=None):
@@ -34,7 +33,7 @@ def get_config(arg=None):
   config.data.source = 'coco'
   config.data.samples_per_gpu = 2
   fcos_r50_caffe_fpn_gn.caffe_pipeline(config.data.pipeline)
-  config.optimizer = schedule_1x.sgd(base_lr=0.01, weight_decay=1e-4)  # lr for 16 images
+  config.optimizer = optimizer.sgd(base_lr=0.01, weight_decay=1e-4)  # lr for 16 images
   config.optimizer.paramwise.update(bias_lr_mult=2.0, bias_decay_mult=0.0)
   config.optimizer.grad_clip = 35.0
   config.schedule = schedule_1x.get_config()
@@ -51,15 +50,9 @@ def get_config(arg=None):
 
 def smoke(config):
   """The same modules, assigner, losses and post-processing, sized for a 2-core CPU
-  (`configs/_base_/smoke.py`): BN trainable too (no pretrained weights); three levels whose
-  regress ranges are the full model's halved (as ATSS's smoke halves its anchors), for objects
-  of 8..96 px in 160 px images. 8 images per step at lr 0.02 (base_lr 0.04 for 16 images),
-  warmup 200 steps, 7 epochs with x0.1 at epoch 6 (1750 steps).
-  Probes at 7 epochs, x0.1 at 6 (experiments/README.md): batch 16 at lr 0.01 / 0.02 / 0.04:
-  0.297 / 0.332 / 0.281; batch 8 at lr 0.01 / 0.0125 / 0.015 / 0.02: 0.393 / 0.442 / 0.466 /
-  0.480 (shipped).
-  """
-  _smoke.shrink(config, name='fcos', network='FCOS', style='caffe', epochs=7, milestones=(6,),
-                samples_per_gpu=8, base_lr=0.04)  # lr 0.02 at this batch of 8
-  config.model.backbone.norm_trainable = True
-  config.model.head.regress_ranges = ((-1, 32), (32, 64), (64, INF))
+  (`fcos_r50_caffe_fpn_gn.small`: trainable BN, regress ranges halved; `smoke.run_size`):
+  8 images per step at lr 0.02 (base_lr 0.04 for 16 images), warmup 200 steps, 7 epochs with
+  x0.1 at epoch 6 (1750 steps). The probes that chose it: experiments/README.md."""
+  fcos_r50_caffe_fpn_gn.small(config.model)
+  _smoke.run_size(config, name='fcos', network='FCOS', style='caffe', epochs=7, milestones=(6,),
+                  samples_per_gpu=8, base_lr=0.04)  # lr 0.02 at this batch of 8

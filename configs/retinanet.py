@@ -15,7 +15,7 @@ Smoke (the same detector, small, on the built-in shapes dataset): mAP 0.515 (AP5
 2-core CPU at its slow speed (~28 img/s), 5 min 2 s at its fast one (~50 img/s):
   python -m jaxdet.train --config configs/retinanet.py:smoke
 """
-from configs._base_ import data, retinanet_r50_fpn, runtime, schedule_1x, smoke
+from configs._base_ import data, optimizer, retinanet_r50_fpn, runtime, schedule_1x, smoke
 
 
 def get_config(arg=None):
@@ -24,7 +24,7 @@ def get_config(arg=None):
   config.data = data.get_config()
   config.data.source = 'coco'
   config.data.samples_per_gpu = 2
-  config.optimizer = schedule_1x.sgd(base_lr=0.01, weight_decay=1e-4)  # lr for 16 images
+  config.optimizer = optimizer.sgd(base_lr=0.01, weight_decay=1e-4)  # lr for 16 images
   config.schedule = schedule_1x.get_config()  # 12 epochs, x0.1 at 8 and 11, warmup 500 from 0.001
   config.work_dir = 'work_dirs/retinanet_r50_fpn_1x_coco'
   config.results_row = dict(network='RetinaNet', dataset='COCO', backbone='R-50',
@@ -38,19 +38,10 @@ def get_config(arg=None):
 
 def _smoke(config):
   """The same modules, assigner, losses and post-processing, sized for a 2-core CPU
-  (`configs/_base_/smoke.py`), with:
-  - anchors octave_base_scale 2 (16-25 px at stride 8 ... 64-101 px at stride 32) for the
-    shapes' 8-96 px objects (COCO's 4 starts at 32 px and diverged at step 150);
-  - GroupNorm in the head towers (mmdetection's `norm_cfg=dict(type='GN')`, `head.norm='gn'`):
-    without pretrained weights the unnormalised head with N(0, 0.01) weights kept the classifier
-    at its prior for ~400 steps (2 convs, no norm, 8 epochs: 0.112 mAP);
-  - 8 images per step at lr 0.015 (base_lr 0.03 for 16 images) for twice as many updates per
-    epoch, warmup 200 steps; 7 epochs, x0.1 at epoch 6 (1750 steps).
-  Probes at 7 epochs (experiments/README.md): no norm 1 conv batch 16: 0.285; batch 8: 0.371;
-  batch 4: 0.344; GN 2 convs batch 8 with x0.1 at 5 and 6: 0.434; at 6 only, lr 0.0075 / 0.01 /
-  0.015: 0.422 / 0.488 / 0.515 (shipped).
-  """
-  smoke.shrink(config, name='retinanet', network='RetinaNet', epochs=7, milestones=(6,),
-               samples_per_gpu=8, base_lr=0.03)  # lr 0.015 at this batch of 8
-  config.model.head.update(norm='gn', octave_base_scale=2)
+  (`retinanet_r50_fpn.small`: GN head, anchors octave_base_scale 2; `smoke.run_size`): 8 images
+  per step at lr 0.015 (base_lr 0.03 for 16), warmup 200 steps, 7 epochs, x0.1 at epoch 6
+  (1750 steps). The probes that chose it: experiments/README.md."""
+  retinanet_r50_fpn.small(config.model)
+  smoke.run_size(config, name='retinanet', network='RetinaNet', epochs=7, milestones=(6,),
+                 samples_per_gpu=8, base_lr=0.03)  # lr 0.015 at this batch of 8
   return config

@@ -6,7 +6,8 @@ import re
 
 import numpy as np
 
-from jaxdet.assigners import atss_assign
+from jaxdet.assigners import atss_assign_dense
+from jaxdet.priors import level_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,9 +22,8 @@ def test_readme_example_runs_and_counts_positives():
     exec(compile(example[0], 'README.md', 'exec'), scope)  # pylint: disable=exec-used
   printed = [int(v) for v in re.findall(r'\d+', out.getvalue())]
   assert len(printed) == 1 and 1 <= printed[0] <= 45   # at most topk=9 per level
-  dense = atss_assign(scope['anchors'], scope['boxes'][0], np.array([3, 0]),
-                      np.array([True, False]),
-                      num_level_anchors=scope['level_counts'](scope['sizes']))
+  dense = atss_assign_dense(scope['anchors'], scope['boxes'][0], np.array([3, 0]),
+                            np.array([True, False]), level_counts(scope['sizes']))
   assert printed[0] == int((np.asarray(dense.gt_index) >= 0).sum())
 
 

@@ -1,5 +1,7 @@
-"""mmdetection's ATSS R50-FPN model (`atss_r50_fpn_1x_coco.py`, model part)."""
+"""mmdetection's ATSS R50-FPN model (`atss_r50_fpn_1x_coco.py`, model part), and its smoke size."""
 import ml_collections
+
+from configs._base_ import resnet_fpn
 
 
 def get_config(num_classes=80):
@@ -22,3 +24,11 @@ def get_config(num_classes=80):
       test_cfg=dict(nms_pre=1000, score_thr=0.05, iou_threshold=0.6, max_per_img=100,
                     min_bbox_size=0.0),
   ))
+
+
+def small(model):
+  """The smoke model: `resnet_fpn.small`, anchors halved (octave_base_scale 4) for the shapes'
+  8-96 px objects in 160 px images."""
+  resnet_fpn.small(model)
+  model.head.octave_base_scale = 4
+  return model

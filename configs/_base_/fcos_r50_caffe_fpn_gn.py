@@ -2,6 +2,8 @@
 part), and the caffe-style input normalisation it needs (`caffe_pipeline`)."""
 import ml_collections
 
+from configs._base_ import resnet_fpn
+
 INF = 1e8  # mmdetection's fcos_head.INF: the open end of the last regress range
 
 
@@ -36,3 +38,13 @@ def caffe_pipeline(pipeline):
   decodes BGR and does not swap; jaxdet decodes RGB, so it swaps), detectron's mean, std 1."""
   pipeline.update(mean=(102.9801, 115.9465, 122.7717), std=(1.0, 1.0, 1.0), to_bgr=True)
   return pipeline
+
+
+def small(model):
+  """The smoke model: `resnet_fpn.small` with trainable BN (no pretrained weights) and three
+  levels whose regress ranges are the full model's halved (as ATSS's smoke halves its anchors),
+  for the shapes' 8-96 px objects in 160 px images."""
+  resnet_fpn.small(model)
+  model.backbone.norm_trainable = True
+  model.head.regress_ranges = ((-1, 32), (32, 64), (64, INF))
+  return model

@@ -14,11 +14,3 @@ def get_config(epochs=12, milestones=(8, 11)):
       min_lr_ratio=0.0,
   ))
 
-
-def sgd(base_lr=0.01, weight_decay=1e-4):
-  """SGD as mmdetection's default optim_wrapper; `base_lr` is for a global batch of `base_batch`."""
-  return ml_collections.ConfigDict(dict(
-      name='sgd', base_lr=base_lr, base_batch=16, momentum=0.9, weight_decay=weight_decay,
-      grad_clip=ml_collections.config_dict.placeholder(float),
-      paramwise=dict(bias_lr_mult=1.0, bias_decay_mult=1.0, norm_decay_mult=1.0),
-  ))

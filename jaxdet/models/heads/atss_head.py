@@ -26,7 +26,7 @@ from jaxdet.models.heads.levels import featmap_sizes_of, flatten_levels
 from jaxdet.models.postprocess import predict_batch
 from jaxdet.models.registry import HEADS
 from jaxdet.ops.coders import delta_decode
-from jaxdet.priors import anchor_grid, level_counts
+from jaxdet.priors import anchor_grid
 
 
 def atss_head_module(head_cfg, num_classes, dtype=None):
@@ -58,14 +58,12 @@ def atss_loss(outputs, batch, head_cfg, *, axis_name=None):
   cls_out, reg_out, ctr_out = outputs
   sizes = featmap_sizes_of(cls_out)
   anchors = _anchors(head_cfg, sizes)
-  counts = level_counts(sizes, 1)
   cls_logits = flatten_levels(cls_out, cls_out[0].shape[-1]).astype(jnp.float32)
   deltas = flatten_levels(reg_out, 4).astype(jnp.float32)
   ctr_logits = flatten_levels(ctr_out, 1)[..., 0].astype(jnp.float32)
 
   assign_one = lambda boxes, labels, mask, valid: atss_assign(
-      anchors, boxes, labels, mask, num_level_anchors=counts, topk=head_cfg.topk, valid=valid,
-      featmap_sizes=sizes)
+      anchors, boxes, labels, mask, sizes, topk=head_cfg.topk, valid=valid)
   t = anchor_targets(assign_one, sizes, batch, strides=head_cfg.strides)
   pos, assign = t.pos, t.assign                               # (B, A)
   avg_factor = losses.mean_over_devices(t.avg_factor, axis_name)
