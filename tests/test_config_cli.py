@@ -347,3 +347,23 @@ def test_every_entry_point_answers_help():
   assert code == 2 and out == ''
   assert err.strip() == ("error: unknown config key 'optimizer.base_lrr' "
                          "(did you mean 'optimizer.base_lr'?)")
+
+
+def test_an_empty_group_takes_a_dict_literal():
+  """Free mappings such as optimizer.paramwise.custom_keys ({} in the config) are set whole;
+  non-empty groups still only take their fields."""
+  import ml_collections
+  from configs._base_ import optimizer as optimizer_base
+  from jaxdet.engine.config_cli import apply_override
+
+  config = ml_collections.ConfigDict(dict(optimizer=optimizer_base.sgd()))
+  assert dict(config.optimizer.paramwise.custom_keys) == {}
+  apply_override(config, 'optimizer.paramwise.custom_keys', "{'backbone': {'lr_mult': 0.1}}")
+  apply_override(config, 'optimizer.paramwise.custom_keys.backbone.lr_mult', '0.2')
+  assert config.optimizer.paramwise.custom_keys.backbone.to_dict() == {'lr_mult': 0.2}
+  empty = ml_collections.ConfigDict(dict(optimizer=optimizer_base.sgd()))
+  with pytest.raises(ConfigError, match="'optimizer.paramwise.custom_keys' is an empty group: "
+                                        "it takes a dict literal, got '3'"):
+    apply_override(empty, 'optimizer.paramwise.custom_keys', '3')
+  with pytest.raises(ConfigError, match="config key 'optimizer.paramwise' is a group"):
+    apply_override(empty, 'optimizer.paramwise', "{'a': 1}")

@@ -14,6 +14,7 @@ Overrides name an existing key and are converted to that key's type::
   --config.max_steps 10                     # the two-token form; placeholders take their type
   --config.work_dir=runs/a                  # str fields take the raw text
   --config.data.pipeline.to_bgr=true        # bool from true/false/yes/no/1/0
+  --config.optimizer.paramwise.custom_keys="{'backbone': {'lr_mult': 0.1}}"  # an empty group
 
 Every problem is a one-line `ConfigError` (a ValueError) naming the key, e.g.
 `unknown config key 'optimizer.base_lrr' (did you mean 'optimizer.base_lr'?)`.
@@ -43,7 +44,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from jaxdet.engine.config_help import Usage, format_config  # noqa: F401  (Usage: for entry points)
+from jaxdet.engine.config_help import Usage, print_help  # noqa: F401  (Usage: for entry points)
 
 _SPEC = re.compile(r'^(?P<path>.+?\.py)(?::(?P<arg>.*))?$')
 _TRUE = ('true', 'yes', 'y', 'on', '1')
@@ -170,6 +171,9 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     _unknown_key(config, key)
   current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict) and not current.keys():
+    _set_mapping(node, leaf, key, raw)  # an empty group is a free mapping, e.g. custom_keys
+    return
   if isinstance(current, ml_collections.ConfigDict):
     names = sorted(current.keys())
     fields = ', '.join(names[:6]) + (', ...' if len(names) > 6 else '')
@@ -183,6 +187,21 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
   try:
     node[leaf] = value
   except (TypeError, ValueError) as e:  # ml_collections' own checks, e.g. a locked config
+    raise ConfigError(f"config key '{key}': cannot set {value!r}: {_one_line(e)}") from None
+
+
+def _set_mapping(node, leaf, key, raw):
+  """`--config.optimizer.paramwise.custom_keys="{'backbone': {'lr_mult': 0.1}}"`."""
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    value = None
+  if not isinstance(value, dict):
+    raise ConfigError(f"config key '{key}' is an empty group: it takes a dict literal, "
+                      f"got {raw!r}")
+  try:
+    node[leaf] = ml_collections.ConfigDict(value)
+  except (TypeError, ValueError) as e:  # e.g. a key with a dot
     raise ConfigError(f"config key '{key}': cannot set {value!r}: {_one_line(e)}") from None
 
 
@@ -359,27 +378,14 @@ def parse_args(argv: Sequence[str], known_flags: Sequence[str] | None = None, *,
   if rest is not None:
     flags[positional] = rest
   if usage is not None and (flags.get('help') or flags.get('print_config')):
-    _print_help(usage, spec, overrides, flags)
+    if flags.get('print_config') and spec is None:
+      raise ConfigError('--print-config needs --config path/to/config.py[:arg]')
+    config = None if spec is None else load_config(spec, overrides)  # errors before any output
+    print_help(usage, config, spec, overrides, help_text=bool(flags.get('help')))
     raise SystemExit(0)
   if spec is None and not flags.get('help') and (usage is None or usage.config == 'required'):
     raise ConfigError('missing --config path/to/config.py[:arg]')
   return spec, overrides, flags
-
-
-def _print_help(usage, spec, overrides, flags):
-  """-h / --help: the usage, then (with --config) the resolved config; --print-config: the
-  resolved config alone."""
-  if flags.get('print_config') and spec is None:
-    raise ConfigError('--print-config needs --config path/to/config.py[:arg]')
-  config = None if spec is None else load_config(spec, overrides)  # errors before any output
-  if flags.get('help'):
-    print(usage.text())
-    if config is not None:
-      print()
-  if config is not None:
-    count = f' + {len(overrides)} override(s)' if overrides else ''
-    print(format_config(config, f'# resolved config: {spec}{count}'))
-  sys.stdout.flush()
 
 
 def main_error_exit(fn, *args, errors=(ValueError,), **kwargs):

@@ -14,6 +14,7 @@ An entry point describes itself once with a `Usage` and hands it to `config_cli.
 `--config` is given) and `--print-config` with the resolved config, and exits 0.
 """
 import dataclasses
+import sys
 import textwrap
 from typing import Sequence
 
@@ -115,3 +116,16 @@ def format_config(config: ml_collections.ConfigDict, header: str = '') -> str:
 
   walk(config, '')
   return '\n'.join(lines)
+
+
+def print_help(usage, config, spec, overrides, *, help_text=True):
+  """-h / --help: `usage`'s text, then (when a config was given) the resolved `config`;
+  --print-config (help_text False): the resolved config alone."""
+  if help_text:
+    print(usage.text())
+    if config is not None:
+      print()
+  if config is not None:
+    count = f' + {len(overrides)} override(s)' if overrides else ''
+    print(format_config(config, f'# resolved config: {spec}{count}'))
+  sys.stdout.flush()
