@@ -11,8 +11,9 @@ Costs are built as DETR builds them, by ``detr_match_cost`` (class 1 + L1 5 + GI
 predicted boxes and logits (91 classes + no-object) and random gt boxes; padded gt columns hold
 garbage (their boxes are NaN).
 
-Solvers, one line each: compile time (s) and ms per call (median of ``--repeats`` timed calls
-after a warm-up) for the whole workload:
+Solvers, one line each: compile time (s) and ms per call for the whole workload (median and min
+of ``--repeats`` rounds after a warm-up; each round calls every solver once, so load swings on a
+shared machine hit all alike), and the median's ratio to the scipy loop's:
 - ``device`` / ``host`` / ``auto``: ``hungarian_match(cost, col_mask, method=...)`` jitted, one call;
 - ``optax``: ``optax.assignment.hungarian_algorithm`` vmapped over the flattened batch, on the
   (M, N + M) padded problem the previous ``hungarian_match`` built (gts as rows, one dummy each);
@@ -96,34 +97,39 @@ def total_cost(cost, col_to_row):
   return np.where(col_to_row >= 0, picked, 0.).astype(np.float64).sum()
 
 
-def time_calls(fn, args, repeats):
-  fn(*args)  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
 def bench(name, cost, mask, solvers, repeats):
+  """Compiles every solver, then times them round-robin (one call each per round) so that the
+  shared machine's load swings hit all of them alike; prints median and min ms per call."""
   want = total_cost(cost, scipy_loop(cost, mask))
+  fns, compile_s = {}, {}
   for solver in solvers:
     if solver == 'scipy':
-      compile_s, fn = 0., scipy_loop
-      args = (cost, mask)
-    else:
-      f = optax_match if solver == 'optax' else (
-          lambda c, m, solver=solver: hungarian_match(c, m, method=solver)[1])
-      args = (jnp.asarray(cost), jnp.asarray(mask))
+      fns[solver], compile_s[solver] = (lambda: scipy_loop(cost, mask)), 0.
+      continue
+    f = optax_match if solver == 'optax' else (
+        lambda c, m, solver=solver: hungarian_match(c, m, method=solver)[1])
+    args = (jnp.asarray(cost), jnp.asarray(mask))
+    start = time.perf_counter()
+    compiled = jax.jit(f).lower(*args).compile()
+    compile_s[solver] = time.perf_counter() - start
+    fns[solver] = lambda compiled=compiled, args=args: compiled(*args)
+  ok = {}
+  for solver, fn in fns.items():
+    got = total_cost(cost, np.asarray(fn()))
+    ok[solver] = 'ok' if np.isclose(got, want, rtol=1e-5, atol=1e-3) else f'WRONG {got} vs {want}'
+  times = {solver: [] for solver in fns}
+  for _ in range(repeats):
+    for solver, fn in fns.items():
       start = time.perf_counter()
-      fn = jax.jit(f).lower(*args).compile()
-      compile_s = time.perf_counter() - start
-    got = total_cost(cost, np.asarray(fn(*args)))
-    ms = time_calls(fn, args, repeats)
-    ok = 'ok' if np.isclose(got, want, rtol=1e-5, atol=1e-3) else f'WRONG {got} vs {want}'
-    print(f'{name} {solver}: compile {compile_s:.2f} s, {ms:.2f} ms/call ({ok}, median of '
-          f'{repeats}, {jax.devices()[0].platform})', flush=True)
+      jax.block_until_ready(fn())
+      times[solver].append(1e3 * (time.perf_counter() - start))
+  base = np.median(times['scipy']) if 'scipy' in times else np.nan
+  for solver in fns:
+    med = np.median(times[solver])
+    print(f'{name} {solver}: compile {compile_s[solver]:.2f} s, median {med:.2f} ms/call '
+          f'(min {np.min(times[solver]):.2f}), {med / base:.2f}x scipy loop ({ok[solver]}, '
+          f'{repeats} rounds, {jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f})',
+          flush=True)
 
 
 def main():

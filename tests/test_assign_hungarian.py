@@ -166,6 +166,10 @@ def test_broadcast_mask_and_no_mask():
   row_to_col, col_to_row = host(cost, mask[None])  # (1, M)
   for idx in np.ndindex(2, 3):
     check_optimal(cost[idx], mask, row_to_col[idx], col_to_row[idx])
+  masks = np.stack([c[2] for c in bank[:3]])  # DETR: (images, M) for (layers, images, N, M)
+  row_to_col, col_to_row = host(cost, masks)
+  for idx in np.ndindex(2, 3):
+    check_optimal(cost[idx], masks[idx[1]], row_to_col[idx], col_to_row[idx])
   check_optimal(cost[0, 0], np.ones(6, bool), *jax.jit(hungarian_match)(cost[0, 0]))
 
 
