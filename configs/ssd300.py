@@ -21,7 +21,7 @@ config runs the equivalent 120 epochs with the LR steps at 80 and 110 (`REPEAT` 
 Smoke (the same detector, narrow, on the built-in shapes dataset, see `_smoke`):
   python -m jaxdet.train --config configs/ssd300.py:smoke
 """
-from configs._base_ import data, optimizer, runtime, schedule_1x, ssd300_vgg
+from configs._base_ import data, optimizer, runtime, schedule_1x, smoke, ssd300_vgg
 
 REPEAT = 5          # mmdetection's RepeatDataset(times=5)
 EPOCHS, MILESTONES = 24, (16, 22)   # of the repeated dataset ("2x")
@@ -71,36 +71,18 @@ def base_config(input_size):
 
 
 def _smoke(config):
-  """The same modules, assigner, losses and post-processing, sized for a 2-core CPU: shapes
-  dataset at 160 px, VGG16 at 1/8 width, five levels (20, 10, 5, 3, 1: the 160 px input has no
-  room for SSD300's sixth), anchors rescaled to the shapes' 8-96 px objects."""
-  m = config.model
-  m.num_classes = 5
-  w = 8
-  m.backbone.update(base_width=w, pretrained='')
-  m.neck.update(in_channels=(8 * w, 16 * w), out_channels=(8 * w, 16 * w, 8 * w, 4 * w, 4 * w),
-                level_strides=(2, 2, 1), level_paddings=(1, 1, 0))
-  m.head.update(strides=(8, 16, 32, 53, 160), ratios=((2,), (2, 3), (2, 3), (2,), (2,)),
-                min_sizes=(8, 16, 32, 56, 96), max_sizes=(16, 32, 56, 96, 150))
-  d = config.data
-  d.source = 'shapes'
-  d.shapes.update(num_train=2000, num_val=200, size=160, seed=0)
-  d.img_scale = (160, 160)
-  d.pipeline.update(kind='standard', keep_ratio=False, photometric_uint8=True, min_box_size=1.)
-  d.samples_per_gpu = 8
-  d.workers_per_gpu = 1
-  d.max_gt = 16
-  d.val.samples_per_gpu = 8
-  if 'repeat' in d:
-    d.repeat = 1
-  epochs = 7
-  config.optimizer.update(base_lr=0.02, base_batch=16)
-  config.schedule.update(epochs=epochs, warmup_iters=200, milestones=(6,))
-  config.workflow = (('train', 1),)
-  config.log_interval = 25
-  config.eval_interval = epochs
+  """The same modules, assigner, losses and post-processing, sized for a 2-core CPU
+  (`ssd300_vgg.small`: VGG16/8 with BN, five levels, anchors for 8-150 px; `smoke.run_size`):
+  160 px shapes resized and flipped (no Expand / MinIoURandomCrop / colour distortion: their
+  zoom-out makes the objects 2-24 px, too small for a 10-minute run), 8 images per step at lr
+  0.01 (base_lr 0.02 for 16), 7 epochs, x0.1 at epoch 6."""
+  ssd300_vgg.small(config.model)
+  smoke.run_size(config, name='ssd300', network='SSD300', backbone='VGG16/8', style='caffe',
+                 epochs=7, milestones=(6,), samples_per_gpu=8, base_lr=0.02)
+  config.optimizer.base_batch = 16
+  config.data.pipeline.update(kind='standard', keep_ratio=False, photometric_uint8=True,
+                              min_box_size=1.)
+  if 'repeat' in config.data:
+    config.data.repeat = 1
   config.checkpoint_interval = 1
-  config.work_dir = 'work_dirs/ssd300_smoke'
-  config.results_row = dict(network='SSD300', dataset='shapes', backbone='VGG16/8',
-                            style='caffe', lr_schd='smoke')
   return config

@@ -217,3 +217,40 @@ def test_predict_one_confident_prior_in_original_pixels():
   x1, y1, x2, y2 = anchors[i]
   want = [(img_w - x2) / 0.5, y1 / (64 / 60), (img_w - x1) / 0.5, y2 / (64 / 60)]
   np.testing.assert_allclose(np.asarray(pred.boxes[0, 0]), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('spec,expected', [
+    ('ssd300.py', dict(total=34_305_206, backbone=20_483_904, neck=2_460_032, head=11_361_270)),
+    ('ssd512.py', dict(total=36_038_196, backbone=20_483_904, neck=3_017_472, head=12_536_820)),
+])
+def test_full_config_param_count(spec, expected):
+  """`jaxdet.info`'s count of the whole detector of a config (shape-only)."""
+  import os
+  from jaxdet import info
+  from jaxdet.engine import config_cli
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_cli.load_config(os.path.join(root, 'configs', spec))
+  assert info.count_params(config) == expected
+
+
+def test_configs_recipe():
+  """mmdetection's SSD recipe: SGD 2e-3 for 64 images, momentum 0.9, wd 5e-4, no clip, linear
+  warmup 500 iters from 0.001, 24 epochs of the 5x repeated set (= 120 passes), steps 16 / 22."""
+  import os
+  from jaxdet.engine import config_cli
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for spec, size in (('ssd300.py', 300), ('ssd512.py', 512)):
+    c = config_cli.load_config(os.path.join(root, 'configs', spec))
+    o, s = c.optimizer, c.schedule
+    assert (o.name, o.base_lr, o.base_batch, o.momentum, o.weight_decay, o.grad_clip) == (
+        'sgd', 2e-3, 64, 0.9, 5e-4, None)
+    assert (s.warmup, s.warmup_iters, s.warmup_ratio, s.gamma) == ('linear', 500, 0.001, 0.1)
+    repeat = c.data.get('repeat', 1)
+    passes = s.epochs * (repeat if 'repeat' in c.data else 1)
+    assert passes == 120 and tuple(m * (120 // s.epochs) for m in s.milestones) == (80, 110)
+    assert c.data.img_scale == (size, size) and c.data.pipeline.kind == 'ssd'
+    assert tuple(c.data.pipeline.std) == (1., 1., 1.)
+    assert c.model.test_cfg.to_dict() == dict(nms_pre=1000, score_thr=0.02, iou_threshold=0.45,
+                                              max_per_img=200, min_bbox_size=0.0)
+  smoke = config_cli.load_config(os.path.join(root, 'configs', 'ssd300.py:smoke'))
+  assert smoke.data.source == 'shapes' and smoke.model.num_classes == 5

@@ -43,3 +43,18 @@ def ssd512(model):
                     strides=(8, 16, 32, 64, 128, 256, 512),
                     ratios=((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)))
   return model
+
+
+def small(model, width=8):
+  """The smoke model, in place: the same SSD at 160 px. VGG16 at 1/8 width with BatchNorm after
+  each conv (mmcv VGG's `with_bn`; without pretrained weights the plain VGG starts with logits in
+  the hundreds, loss 150, gradient norm 2,000), five levels of 20, 10, 5, 3 and 1 cells (the 160
+  px input has no room for SSD300's sixth), anchors of 8 to 150 px for the shapes' 8-96 px
+  objects (SSD300's sizes would start at 21 px)."""
+  w = width
+  model.backbone.update(base_width=w, with_bn=True, pretrained='')
+  model.neck.update(in_channels=(8 * w, 16 * w), out_channels=(8 * w, 16 * w, 8 * w, 4 * w, 4 * w),
+                    level_strides=(2, 2, 1), level_paddings=(1, 1, 0))
+  model.head.update(strides=(8, 16, 32, 53, 160), ratios=((2,), (2, 3), (2, 3), (2,), (2,)),
+                    min_sizes=(8, 16, 32, 56, 96), max_sizes=(16, 32, 56, 96, 150))
+  return model
