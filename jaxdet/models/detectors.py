@@ -30,7 +30,9 @@ import jax.numpy as jnp
 from jaxdet.models.backbones import resnet, vgg  # noqa: F401
 from jaxdet.models.heads import atss_head, fcos_head, nasfcos_head, retina_head  # noqa: F401
 from jaxdet.models.heads import ssd_head  # noqa: F401
+from jaxdet.models.heads import detr_head  # noqa: F401
 from jaxdet.models.necks import fpn, nasfcos_fpn, ssd_neck  # noqa: F401
+from jaxdet.models.necks import channel_mapper  # noqa: F401
 from jaxdet.models.registry import BACKBONES, HEADS, NECKS
 
 

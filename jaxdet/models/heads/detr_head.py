@@ -37,10 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdet.models.heads.detr_loss import detr_loss
+from jaxdet.models.heads.head import Head
 from jaxdet.models.layers.positional_encoding import sine_positional_encoding
 from jaxdet.models.layers.transformer import (FFN, DetrDecoder, DetrEncoder,
                                               torch_linear_bias_init, torch_linear_kernel_init)
 from jaxdet.ops.boxes import box_cxcywh_to_xyxy, boxes_to_original, clip_boxes
+from jaxdet.models.registry import HEADS
 from jaxdet.ops.nms import Predictions
 
 
@@ -185,3 +188,6 @@ TORCH_NAMES = (
     (r'bbox_head\.reg_ffn\.layers\.0\.0', r'reg_ffn/layers_0_0'),
     (r'bbox_head\.reg_ffn\.layers\.1', r'reg_ffn/layers_1'),
 )
+
+HEAD = HEADS.register('detr', Head(module=detr_head_module, loss=detr_loss, predict=detr_predict,
+                                   torch_names=TORCH_NAMES, torch_prefix=''))

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.models.registry import NECKS, Part
+
 
 class ChannelMapper(nn.Module):
   """feats: tuple of (B, H_i, W_i, C_i) -> tuple of (B, H_i, W_i, out_channels)."""
@@ -37,3 +39,5 @@ def from_config(cfg, dtype=None):
 
 # mmdetection's names: mmcv ConvModule's `.conv` inside `convs`.
 TORCH_NAMES = ((r'convs\.(\d+)\.conv', r'convs_\1'),)
+
+NECKS.register('channel_mapper', Part(build=from_config, torch_names=TORCH_NAMES))
