@@ -42,6 +42,7 @@ from jaxdet.engine import config_cli
 from jaxdet.engine import logging as jd_logging
 from jaxdet.engine.optimizer import lr_scaling_line, scaled_lr
 from jaxdet.engine.resume import remap_to_global_batch
+from jaxdet.engine.save_cadence import Cadence, position, resume_line
 from jaxdet.engine.schedules import build_schedule
 from jaxdet.engine.steps import AXIS, predict_step, train_step, val_step
 from jaxdet.engine.train_state import create_train_state, replicate, unreplicate
@@ -108,8 +109,8 @@ def create_state(config, detector, train_loader, schedule, checkpointer, pretrai
                                       pretrained=pretrained)
   data_state = None
   if checkpointer.latest_step() is not None:
-    host_state, data_state, _ = checkpointer.restore(host_state)
-    log.info(f'resumed from step {int(host_state["step"])}'
+    host_state, data_state, extra = checkpointer.restore(host_state)
+    log.info(resume_line(int(host_state['step']), extra, data_state, train_loader.batches_per_epoch)
              + (' (config.load_from is ignored when resuming)' if config.get('load_from') else ''))
     if data_state and data_state.get('global_batch') != train_loader.global_batch:
       host_state, data_state, how = remap_to_global_batch(
@@ -203,9 +204,12 @@ def train_and_evaluate(config, work_dir):
   signals = ckpt.install_signal_handlers()
   iterator = train_loader.iterator(data_state)
   classes = dict(names=list(val_source.class_names), cat_ids=list(val_source.cat_ids))
-  save = lambda step: checkpointer.save(
-      step, unreplicate(state), data_state=iterator.get_state(),
-      extra=dict(epoch=step // steps_per_epoch, classes=classes))
+  cadence = Cadence.from_config(config)   # checkpoints between epoch ends (steps / minutes)
+
+  def save(step):   # in the background: returns once the state is on the host
+    if checkpointer.save(step, unreplicate(state), data_state=iterator.get_state(),
+                         extra=dict(position(step, steps_per_epoch), classes=classes)):
+      cadence.saved()
   last_metrics, step = {}, start_step
   bar = jd_logging.ProgressBar(total_steps, 'train', initial=start_step)
   try:
@@ -219,10 +223,14 @@ def train_and_evaluate(config, work_dir):
         log_train_metrics(run, metrics, step, epoch)
       if signals.requested:
         save(step)
+        checkpointer.wait()   # on disk before the process exits
         log.info(f'stopped by signal at step {step}; checkpoint saved, rerun to resume')
         return last_metrics
+      if cadence.due(step):
+        save(step)
       if epoch_end:
         last_metrics = end_of_epoch(run, state, save, step, epoch) or last_metrics
+    checkpointer.wait()   # the last save is on disk when the run returns
   finally:
     signals.uninstall()   # in-process callers (tests, notebooks) get their handlers back
     bar.close()

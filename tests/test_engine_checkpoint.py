@@ -191,3 +191,124 @@ def _check_stop_request_then_second_sigint_interrupts():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is previous_int
+
+
+# ------------------------------------------------------------------ async saves, cadence, position
+
+def test_async_save_returns_with_a_host_copy_and_waits_before_the_next(tmp_path):
+  """`save` returns before the write is done, with its own host copy of the state: deleting the
+  caller's device buffers right away (as a donated train step does) changes nothing written."""
+  state = _state(3)
+  expected = jax.device_get(state)
+  with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+    assert ckpt.async_save
+    assert ckpt.save(300, state, data_state={'next_batch': 3}, extra={'epoch': 1})
+    for leaf in jax.tree.leaves(state):
+      leaf.delete()                       # the caller's buffers are gone
+    assert ckpt.save(400, _state(4), data_state={'next_batch': 4})  # waits for step 300 first
+    assert ckpt.all_steps() == [300, 400]   # (waits for step 400)
+    assert not ckpt.saving()
+    restored, data_state, extra = ckpt.restore(jax.eval_shape(lambda: _state(0)), step=300)
+  _assert_bitwise_equal(restored, expected)
+  assert data_state == {'next_batch': 3} and extra == {'epoch': 1}
+
+
+def test_a_killed_save_is_logged_and_deleted_on_open(tmp_path, caplog):
+  """orbax 0.12 names a folder being written `<step>.orbax-checkpoint-tmp[-<time>]`; opening the
+  directory again logs each such leftover (and an uncommitted step folder) once, deletes the tmp
+  folders and resumes from the last complete step."""
+  with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    ckpt.save(10, _state(1), data_state={'next_batch': 1})
+  shutil.copytree(tmp_path / '10', tmp_path / '20.orbax-checkpoint-tmp')
+  os.remove(tmp_path / '20.orbax-checkpoint-tmp' / 'commit_success.txt')
+  shutil.copytree(tmp_path / '10', tmp_path / '30')
+  os.remove(tmp_path / '30' / 'commit_success.txt')
+  with caplog.at_level('WARNING', logger='jaxdet.checkpoint'):
+    with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+      assert ckpt.half_written == ['20.orbax-checkpoint-tmp', '30']
+      assert ckpt.latest_step() == 10
+      ckpt.save(20, _state(2), data_state={'next_batch': 2})   # (awaits orbax's clean-up)
+  assert sorted(os.listdir(tmp_path)) == ['10', '20', '30']
+  messages = sorted({r.getMessage() for r in caplog.records if r.name == 'jaxdet.checkpoint'})
+  assert len(messages) == 2, messages
+  assert 'ignoring half-written checkpoint' in messages[0] and '20.orbax-checkpoint-tmp' in messages[0]
+  assert 'deleting it' in messages[0]
+  assert messages[1].startswith('ignoring half-written checkpoint') and 'never resumed' in messages[1]
+  assert messages[1].split()[3] == str(tmp_path / '30')
+
+
+def test_position_and_resume_line_by_hand():
+  from jaxdet.engine.save_cadence import position, resume_line
+  assert position(1, 100) == dict(step=1, epoch=1, iteration=1, steps_per_epoch=100)
+  assert position(100, 100)['epoch'] == 1 and position(100, 100)['iteration'] == 100
+  assert (position(101, 100)['epoch'], position(101, 100)['iteration']) == (2, 1)
+  assert (position(250, 100)['epoch'], position(250, 100)['iteration']) == (3, 50)
+  assert (position(0, 100)['epoch'], position(0, 100)['iteration']) == (1, 0)
+  # The checkpoint's record wins over the current epoch length (another global batch).
+  assert (resume_line(250, position(250, 100), {'batches_per_epoch': 100}, 50)
+          == 'resumed from step 250 (epoch 3, iteration 50 of it)')
+  # Older checkpoints: from the data state's epoch length, else the current one.
+  assert (resume_line(250, {'epoch': 2}, {'batches_per_epoch': 100}, 7)
+          == 'resumed from step 250 (epoch 3, iteration 50 of it)')
+  assert resume_line(7, {}, None, 6) == 'resumed from step 7 (epoch 2, iteration 1 of it)'
+
+
+class _Clock:
+  def __init__(self):
+    self.t = 1000.0
+
+  def __call__(self):
+    return self.t
+
+
+def test_cadence_steps_minutes_and_saved_resets_the_clock():
+  from jaxdet.engine.save_cadence import Cadence
+  clock = _Clock()
+  c = Cadence(every_steps=5, every_minutes=0, clock=clock, num_processes=1)
+  assert [s for s in range(1, 21) if c.due(s)] == [5, 10, 15, 20]
+  c = Cadence(every_steps=0, every_minutes=2, clock=clock, num_processes=1)
+  clock.t += 119.9
+  assert not c.due(3)
+  clock.t += 0.1
+  assert c.due(4) and c.due(5)     # due until a save happens
+  c.saved()
+  assert not c.due(6)
+  clock.t += 120
+  assert c.due(7)
+  off = Cadence(0, None, clock=clock, num_processes=1)
+  clock.t += 1e6
+  assert not any(off.due(s) for s in range(1, 100))
+
+
+def test_cadence_multi_process_reads_the_clock_only_at_sync_steps_and_broadcasts():
+  """Every process must save at the same step: the clock is read at multiples of sync_every
+  only, and process 0's answer (here: the fake broadcast's) decides."""
+  from jaxdet.engine.save_cadence import Cadence
+  clock, calls = _Clock(), []
+
+  def broadcast(x):        # process 0 says "not yet" the first time, "yes" afterwards
+    calls.append(bool(x))
+    return np.asarray(len(calls) > 1)
+  c = Cadence(0, 1, sync_every=10, clock=clock, num_processes=2, broadcast=broadcast)
+  clock.t += 61
+  assert [s for s in range(1, 25) if c.due(s)] == [20]
+  assert calls == [True, True]      # asked at steps 10 and 20 only
+
+
+def test_cadence_config_values():
+  import ml_collections
+  from jaxdet.engine.save_cadence import Cadence
+
+  def cfg(**kw):
+    return ml_collections.ConfigDict(dict(dict(checkpoint_every_steps=0, checkpoint_every_minutes=30.0,
+                                               log_interval=50), **kw))
+  c = Cadence.from_config(cfg(checkpoint_every_steps=None, checkpoint_every_minutes=None))
+  assert (c.every_steps, c.every_seconds) == (0, 0)
+  c = Cadence.from_config(cfg(checkpoint_every_steps=1000, checkpoint_every_minutes=0.5))
+  assert (c.every_steps, c.every_seconds, c.sync_every) == (1000, 30.0, 50)
+  with pytest.raises(ValueError, match=r'^config.checkpoint_every_steps must be an int >= 0'):
+    Cadence.from_config(cfg(checkpoint_every_steps=-1))
+  with pytest.raises(ValueError, match=r'^config.checkpoint_every_minutes must be a number >= 0'):
+    Cadence.from_config(cfg(checkpoint_every_minutes=-5.0))
+  with pytest.raises(ValueError, match=r"got 'often'"):
+    Cadence.from_config(ml_collections.ConfigDict(dict(checkpoint_every_steps='often')))

@@ -1,4 +1,15 @@
-"""Runtime defaults: seed, logging, checkpoints, workflow and evaluation cadence."""
+"""Runtime defaults: seed, logging, checkpoints, workflow and evaluation cadence.
+
+Checkpoints (`work_dir/checkpoints/<step>/`, written in the background by orbax, atomically: a
+run killed at any moment resumes from its last complete one, with the same command):
+  checkpoint_interval        epochs between checkpoints at epoch ends (and always at the end)
+  checkpoint_every_steps     also every N steps (mid-epoch too); 0 or None: off
+  checkpoint_every_minutes   also when M minutes have passed since the last save; 0 or None: off.
+                             Default 30: a crash loses at most ~30 minutes, not a COCO epoch
+                             (~7,300 steps at batch 16). Smoke runs set 0 (every epoch only).
+  max_to_keep                the newest N checkpoints of any kind are kept (None: all)
+A SIGTERM / Ctrl-C saves the current step first and waits until it is on disk.
+"""
 import ml_collections
 
 
@@ -8,7 +19,9 @@ def get_config():
       work_dir='work_dirs/default',
       log_interval=50,            # steps between log lines
       checkpoint_interval=1,      # epochs between checkpoints (and at the end)
-      max_to_keep=3,
+      checkpoint_every_steps=0,   # also every N steps, mid-epoch included (0/None: off)
+      checkpoint_every_minutes=30.0,  # also after M minutes since the last save (0/None: off)
+      max_to_keep=3,              # newest checkpoints kept, epoch and step ones alike
       eval_interval=1,            # epochs between COCO evaluations (and at the end)
       workflow=(('train', 1), ('val', 1)),  # mmdetection's: a val-loss pass after each train epoch
       max_steps=ml_collections.config_dict.placeholder(int),  # stop early (e.g. smoke runs)

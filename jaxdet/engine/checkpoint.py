@@ -4,12 +4,17 @@ Layout under `directory` (e.g. `work_dir/checkpoints`), one folder per step::
 
   1000/state/   the train state pytree (orbax StandardSave: params, batch_stats, opt_state, step, rng)
   1000/data/    the data iterator's state (JSON)
-  1000/extra/   anything else JSON-able (epoch, config hash, ...)
+  1000/extra/   anything else JSON-able (`position`: step, epoch, iteration; class names, ...)
 
-Saves are synchronous and atomic: orbax writes `<step>.orbax-checkpoint-tmp-<time>/`, then writes
-`commit_success.txt` into it and renames it to `<step>/`. A save killed half way leaves only a tmp
-folder, which is never listed as a step (and is deleted when the next `Checkpointer` opens);
-`latest_step` additionally ignores step folders without `commit_success.txt`.
+Saves are asynchronous (orbax `enable_async_checkpointing`): `save` copies the state to host
+memory and returns; a background thread writes it. The next `save`, `wait`, `close`, `restore`
+and the step listings wait for a save in flight first, so at most one is ever pending.
+
+Saves are atomic: orbax writes `<step>.orbax-checkpoint-tmp-<time>/`, then writes
+`commit_success.txt` into it and renames it to `<step>/`. A save killed half way (SIGKILL, OOM,
+lost node) leaves only a tmp folder, which is never listed as a step; the next `Checkpointer`
+on that directory logs it and deletes it. `latest_step` additionally ignores step folders without
+`commit_success.txt` (logged too). The run therefore resumes from the last complete checkpoint.
 
 The state is saved from host or single-device arrays (un-replicate a pmapped state first) and
 restored onto `jax.local_devices()[0]`, so a run may resume on another device count: the train
@@ -20,9 +25,13 @@ coordinates; each array must then be fully replicated).
   if ckpt.latest_step() is not None:
     state, data_state, extra = ckpt.restore(jax.eval_shape(lambda: state))
   ...
-  ckpt.save(step, state, data_state=loader_iter.get_state(), extra=dict(epoch=epoch))
-  ckpt.close()
+  ckpt.save(step, state, data_state=loader_iter.get_state(), extra=position(step, 1000))
+  ckpt.close()    # waits for the last save
+
+`jaxdet.engine.save_cadence`: when to save between epoch ends (every N steps and/or M minutes)
+and `position(step, steps_per_epoch)`, the epoch and iteration recorded in `extra`.
 """
+import logging
 import os
 import signal
 import threading
@@ -33,28 +42,44 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _COMMIT_FILE = 'commit_success.txt'  # written by orbax into a step folder before it is final
+_TMP_MARK = '.orbax-checkpoint-tmp'  # orbax's suffix of a folder being written
+
+log = logging.getLogger('jaxdet.checkpoint')
 
 
 class Checkpointer:
-  """Keeps the newest `max_to_keep` checkpoints of a run in `directory` (created if missing)."""
+  """Keeps the newest `max_to_keep` checkpoints of a run in `directory` (created if missing).
 
-  def __init__(self, directory: str, *, max_to_keep: int | None = 3):
+  `async_save`: write in a background thread (default); False: `save` returns when on disk.
+  `.half_written`: names of folders of saves cut short found on opening (logged, then ignored:
+  tmp folders are deleted, uncommitted step folders are left alone and never listed).
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f'max_to_keep must be >= 1 or None (keep all), got {max_to_keep}')
     self.directory = os.path.abspath(os.fspath(directory))
+    self.async_save = bool(async_save)
+    self.half_written = half_written(self.directory)
+    for name in self.half_written:
+      what = ('deleting it' if _TMP_MARK in name else
+              f'no {_COMMIT_FILE}, not a checkpoint; it is never resumed from')
+      log.warning(f'ignoring half-written checkpoint {os.path.join(self.directory, name)} '
+                  f'(a save cut short): {what}')
     policy = (ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep is not None
               else ocp.checkpoint_managers.PreserveAll())
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy,
         create=True,
         cleanup_tmp_directories=True,      # leftovers of a killed save
-        enable_async_checkpointing=False,  # a save is on disk when `save` returns
+        enable_async_checkpointing=self.async_save,
     )
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_handlers=_item_handlers(ocp.StandardCheckpointHandler))
 
   def all_steps(self) -> list:
-    """Steps with a complete checkpoint, ascending."""
+    """Steps with a complete checkpoint, ascending (after the save in flight, if any)."""
+    self.wait()
     return sorted(s for s in self._manager.all_steps() if self._is_complete(s))
 
   def latest_step(self) -> int | None:
@@ -63,23 +88,31 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, step: int, state: Any, *, data_state: dict, extra: dict | None = None) -> bool:
-    """Writes `state` (a pytree of arrays), `data_state` and `extra` (JSON-able dicts) as `step`.
+    """Starts writing `state` (a pytree of arrays), `data_state` and `extra` (JSON-able dicts)
+    as `step`, in the background; waits first for the previous save, if still in flight.
 
-    Returns False (and writes nothing) when `step` is already saved, e.g. a preemption save
-    right after a periodic one. Deletes the oldest checkpoints beyond `max_to_keep`.
+    When it returns, the state is in host memory (jax arrays are copied; numpy leaves are
+    used as they are: do not modify them until `wait`), so the caller may donate or update its
+    arrays. Returns False (and writes nothing) when `step` is already saved, e.g. a preemption
+    save right after a periodic one. Deletes the oldest checkpoints beyond `max_to_keep`.
     """
     step = int(step)
     if step in self._manager.all_steps():
       return False
     _check_host_local(state)
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(_to_host(state)),
         data=ocp.args.JsonSave(_jsonable(data_state, 'data_state')),
         extra=ocp.args.JsonSave(_jsonable(extra or {}, 'extra')),
     )
     saved = self._manager.save(step, args=args, force=True)
-    self._manager.wait_until_finished()
+    if not self.async_save:
+      self.wait()
     return bool(saved)
+
+  def saving(self) -> bool:
+    """True while a save is being written in the background."""
+    return bool(self._manager.is_saving_in_progress())
 
   def restore(self, abstract_state: Any, step: int | None = None):
     """Reads a checkpoint into the structure and dtypes of `abstract_state`.
@@ -89,7 +122,7 @@ class Checkpointer:
     Returns `(state, data_state, extra)`; the state's arrays are jax Arrays on
     `jax.local_devices()[0]`.
     """
-    step = self._resolve_step(step)
+    step = self._resolve_step(step)   # (waits for a save in flight)
     target = _on_default_device(abstract_state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
@@ -99,10 +132,11 @@ class Checkpointer:
     return restored['state'], restored['data'], restored['extra'] or {}
 
   def wait(self) -> None:
-    """Blocks until pending writes finish (saves are synchronous; kept for symmetry)."""
+    """Blocks until the save in flight (if any) is on disk; raises its error if it failed."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the save in flight, then releases orbax's threads."""
     self._manager.close()
 
   def __enter__(self):
@@ -181,6 +215,17 @@ def complete_steps(directory: str) -> list:
     return []
   return sorted(int(d) for d in os.listdir(directory)
                 if d.isdigit() and os.path.exists(os.path.join(directory, d, _COMMIT_FILE)))
+
+
+def half_written(directory: str) -> list:
+  """Names of the folders in `directory` that saves cut short left behind: orbax tmp folders
+  (`<step>.orbax-checkpoint-tmp-<time>`) and step folders without `commit_success.txt`."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(d for d in os.listdir(directory)
+                if os.path.isdir(os.path.join(directory, d))
+                and (_TMP_MARK in d
+                     or d.isdigit() and not os.path.exists(os.path.join(directory, d, _COMMIT_FILE))))
 
 
 def load_variables(path: str, keys=('params', 'batch_stats')):
@@ -296,6 +341,16 @@ def _on_default_device(tree):
     raise ValueError(f'restore target leaves must be arrays or ShapeDtypeStructs, got {type(x)}')
 
   return jax.tree.map(abstract, tree)
+
+
+def _to_host(state):
+  """jax arrays -> numpy copies (so a save in flight never reads a donated or updated buffer);
+  numpy leaves and typed PRNG keys as they are."""
+  def host(x):
+    if isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return np.array(x, copy=True)
+    return x
+  return jax.tree.map(host, state)
 
 
 def _check_host_local(state):
