@@ -243,3 +243,68 @@ def test_predict_by_hand():
   # flip in the 200 px input: x -> 200 - x; then / 0.5
   np.testing.assert_allclose(pred.boxes[0], [[200, 0, 400, 200], [0, 140, 120, 200]], atol=1e-4)
   assert pred.valid.shape == (1, 2) and bool(pred.valid.all())
+
+
+# ------------------------------------------------------------------------ overfit check
+
+LR, STEPS, TRACE = 2e-3, 200, False
+
+def test_overfit_class_loss_leaves_the_constant_prediction_level():
+  """The real detector and train step (configs/detr.py:smoke made tiny, from scratch) on 8 fixed
+  images of red / green squares: the last layer's class loss falls well below the level of the
+  best constant prediction (the weighted entropy of the matched labels, which is what a DETR
+  whose queries never specialise is stuck at) -- the queries learn which object is where."""
+  import functools
+  import optax
+  from jaxdet.engine import config_cli, steps
+  from jaxdet.engine.train_state import replicate
+  from jaxdet.models.detectors import build_detector
+
+  config = config_cli.load_config('configs/detr.py:smoke', [
+      '--config.model.num_classes=2', '--config.model.backbone.base_width=8',
+      '--config.model.backbone.frozen_stages=-1', '--config.model.neck.in_channels=(32,)',
+      '--config.model.neck.out_channels=32', '--config.model.head.embed_dims=32',
+      '--config.model.head.num_heads=4', '--config.model.head.num_decoder_layers=1',
+      '--config.model.head.feedforward_channels=64', '--config.model.head.num_queries=4',
+      '--config.model.head.dropout=0.0', '--config.model.head.match_method=host'])
+  detector = build_detector(config.model)
+  rng = np.random.default_rng(0)
+  b, size, g = 8, 64, 2
+  images = np.zeros((b, size, size, 3), np.uint8)
+  boxes, labels = np.zeros((b, g, 4), np.float32), np.zeros((b, g), np.int32)
+  mask = np.zeros((b, g), bool)
+  for i in range(b):
+    for j in range(1 + i % 2):
+      s = rng.integers(14, 26)
+      x, y = rng.integers(0, size - s, 2)
+      labels[i, j], mask[i, j] = rng.integers(0, 2), True
+      boxes[i, j] = x, y, x + s, y + s
+      images[i, y:y + s, x:x + s, labels[i, j]] = 255
+  batch = dict(image=images, gt_boxes=boxes, gt_labels=labels, gt_mask=mask,
+               img_shape=np.full((b, 2), size, np.int32), image_valid=np.ones(b, bool))
+  variables = detector.init(jax.random.key(0), (b, size, size, 3))
+  tx = optax.adamw(LR, weight_decay=1e-4)
+  state = dict(step=jnp.zeros((), jnp.int32), params=variables['params'],
+               batch_stats=variables.get('batch_stats', {}),
+               opt_state=tx.init(variables['params']))
+  step = jax.pmap(functools.partial(steps.train_step, detector=detector, tx=tx,
+                                    pipeline=config.data.pipeline, dtype=jnp.float32),
+                  axis_name=steps.AXIS)
+  evaluate = jax.pmap(functools.partial(steps.val_step, detector=detector,
+                                        pipeline=config.data.pipeline, dtype=jnp.float32),
+                      axis_name=steps.AXIS)
+  state, dev_batch = replicate((state, batch))
+  first = float(evaluate(state, dev_batch)['loss_cls'][0])
+  for i in range(STEPS):
+    state, metrics = step(state, dev_batch)
+    if TRACE and i % 50 == 49:
+      print(i + 1, float(metrics['loss_cls'][0]), float(evaluate(state, dev_batch)['loss_cls'][0]))
+  last = float(evaluate(state, dev_batch)['loss_cls'][0])
+
+  counts = np.bincount(labels[mask], minlength=2).astype(np.float64)
+  weighted = np.append(counts, 0.1 * (b * 4 - counts.sum()))       # classes, background x 0.1
+  p = weighted / weighted.sum()
+  constant_level = -(p * np.log(p)).sum()
+  print(f'class loss {first:.3f} -> {last:.3f}; constant-prediction level {constant_level:.3f}')
+  assert first > 0.9 * constant_level
+  assert last < 0.5 * constant_level
