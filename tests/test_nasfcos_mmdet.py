@@ -138,6 +138,7 @@ def mmdet_model():
           rand(module.running_var, 0.5, 2.0)
     for scale in model.bbox_head.scales:
       rand(scale.scale, 0.5, 1.5)
+    rand(model.bbox_head.conv_cls.bias, -4.5, -1.0)  # many scores above score_thr 0.05
   return model.eval()
 
 
@@ -259,3 +260,163 @@ def test_neck_train_mode_equals_mmdet():
   assert len(flat_ours) == 44  # 3 adapt + 12 input + 7 out BNs, mean and var each
   for path, value in flat_ours:
     np.testing.assert_allclose(value, flat_theirs[path], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------- conversion (CLI) and detections
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOX_ATOL = 0.01  # px
+
+
+def greedy_batched_nms(boxes, scores, idxs, nms_cfg, class_agnostic=False):
+  """mmcv's `batched_nms` without compiled ops: per class, highest score first, drop boxes with
+  IoU > iou_threshold against a kept one; returns (dets (K, 5), keep) by descending score."""
+  kept = []
+  for label in torch.unique(idxs):
+    members = torch.nonzero(idxs == label)[:, 0]
+    members = members[torch.sort(scores[members], descending=True, stable=True).indices]
+    b = boxes[members].double()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:])
+             - torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
+    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1e-12)
+    removed = torch.zeros(len(members), dtype=torch.bool)
+    for i in range(len(members)):
+      if not removed[i]:
+        kept.append(int(members[i]))
+        removed |= iou[i] > nms_cfg['iou_threshold']
+  keep = torch.tensor(kept, dtype=torch.long)
+  keep = keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+  return torch.cat([boxes[keep], scores[keep, None]], dim=1), keep
+
+
+@functools.lru_cache(maxsize=None)
+def converted(tmp_dir):
+  """mmdetection's state_dict saved as a .pth and converted by `python -m jaxdet.convert`."""
+  from jaxdet import convert
+  from jaxdet.engine import checkpoint as ckpt
+  pth = os.path.join(tmp_dir, 'nas_fcos_mmdet.pth')
+  torch.save(dict(state_dict=mmdet_model().state_dict()), pth)
+  out = os.path.join(tmp_dir, 'converted')
+  convert.main(['--config', os.path.join(ROOT, 'configs', 'nas_fcos.py'), '--from-mmdet', pth,
+                '--out', out])
+  return ckpt.load_params(out)
+
+
+@pytest.fixture(scope='module')
+def converted_variables(tmp_path_factory):
+  return converted(str(tmp_path_factory.mktemp('nasfcos-convert')))
+
+
+def test_conversion_covers_the_model(converted_variables):
+  state = mmdet_model().state_dict()
+  tensors = {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}
+  leaves = jax.tree_util.tree_leaves(converted_variables)
+  assert len(leaves) == len(tensors)
+  assert sum(int(np.prod(np.shape(x))) for x in leaves) == sum(
+      v.numel() for v in tensors.values())
+  params = sum(int(np.prod(np.shape(x)))
+               for x in jax.tree_util.tree_leaves(converted_variables['params']))
+  assert params == 38_567_674
+
+
+@pytest.mark.parametrize('hw', IMAGES)
+def test_converted_detections_equal_mmdet(converted_variables, hw):
+  """The converted detector (configs/nas_fcos.py) on mmdetection's input: head outputs within
+  CHAIN_RTOL, then the same detections (labels, order), boxes within BOX_ATOL px."""
+  from mmdet.models.dense_heads import base_dense_head
+  from jaxdet.engine import config_cli
+  from jaxdet.models.detectors import build_detector
+  base_dense_head.batched_nms = greedy_batched_nms  # mmcv's needs compiled ops
+  model = mmdet_model()
+  image, _, _, head_out = torch_run(hw)
+  meta = dict(img_shape=hw, pad_shape=hw, ori_shape=hw, scale_factor=(1.0, 1.0))
+  with torch.no_grad():
+    theirs = model.bbox_head.predict_by_feat(*head_out, batch_img_metas=[meta], rescale=False,
+                                             with_nms=True)[0]
+  config = config_cli.load_config(os.path.join(ROOT, 'configs', 'nas_fcos.py'))
+  detector = build_detector(config.model)
+  batch = dict(img_shape=np.array([hw], np.int32), scale_factor=np.ones((1, 2), np.float32),
+               offset=np.zeros((1, 2), np.float32), flip=np.zeros((1,), bool))
+  outputs = detector.module.apply(converted_variables, nchw_to_nhwc(image),
+                                  jnp.asarray(batch['img_shape']), train=False)
+  for a_levels, b_levels in zip(outputs, (head_out[0], [torch.log(r) for r in head_out[1]],
+                                          head_out[2])):
+    for a, b in zip(a_levels, b_levels):
+      assert rel_diff(a, b.numpy().transpose(0, 2, 3, 1)) < CHAIN_RTOL
+  ours = jax.device_get(jax.jit(detector.predict)(outputs, batch))
+  valid = np.asarray(ours.valid[0])
+  boxes, scores = np.asarray(ours.boxes[0])[valid], np.asarray(ours.scores[0])[valid]
+  labels = np.asarray(ours.labels[0])[valid]
+  t_boxes, t_scores, t_labels = (theirs.bboxes.numpy(), theirs.scores.numpy(),
+                                 theirs.labels.numpy())
+  assert len(t_scores) >= 20 and len(scores) == len(t_scores)
+  # Detections pair up one to one (same label, score within 1e-4, nearest box); the order is
+  # mmdetection's except where two scores tie to float32 round-off (measured: 7e-7 apart).
+  pairs = []
+  for box, score, label in zip(boxes, scores, labels):
+    candidates = np.nonzero((t_labels == label) & (np.abs(t_scores - score) < 1e-4))[0]
+    assert len(candidates), (box, score, label)
+    pairs.append(candidates[np.argmin(np.abs(t_boxes[candidates] - box).max(1))])
+  pairs = np.array(pairs)
+  assert sorted(pairs) == list(range(len(t_scores)))
+  moved = np.nonzero(pairs != np.arange(len(pairs)))[0]
+  assert np.all(np.abs(t_scores[pairs[moved]] - t_scores[moved]) < 1e-5)
+  box_diff = float(np.abs(boxes - t_boxes[pairs]).max())
+  assert box_diff < BOX_ATOL, box_diff
+  np.testing.assert_allclose(scores, t_scores[pairs], atol=1e-5)
+
+
+# ----------------------------------------------------------------------- optimizer groups
+
+def test_optimizer_groups_equal_mmengine():
+  """configs/nas_fcos.py's paramwise rules give every parameter mmengine's lr and decay for
+  mmdetection's optim_wrapper (bias_lr_mult 2, bias_decay_mult 0) with full mmcv: the DCNs' own
+  biases x2 / no decay, their offset convs' biases x1 / decay, norm biases x1 / no decay, the
+  frozen backbone (requires_grad False) skipped."""
+  from mmengine.optim.optimizer import default_constructor
+  from jaxdet.engine import config_cli
+  from jaxdet.engine import optimizer as jd_optimizer
+  from jaxdet.models.detectors import build_detector
+  from jaxdet.models.registry import BACKBONES
+  from jaxdet.models.weights import mmdet_rules
+  model = mmdet_model()
+  default_constructor.mmcv_full_available = lambda: True  # the DCN offset rule needs it
+  constructor = default_constructor.DefaultOptimWrapperConstructor(
+      dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01, momentum=0.9,
+                                               weight_decay=1e-4)),
+      dict(bias_lr_mult=2., bias_decay_mult=0.))
+  groups = []
+  constructor.add_params(groups, model)
+  by_param = {id(g['params'][0]): (g.get('lr', 0.01) / 0.01, g.get('weight_decay', 1e-4) / 1e-4)
+              for g in groups}
+  # Each tensor as the pair (lr mult, decay mult), 'frozen' = (-1, -1) for the skipped ones.
+  lr_state, wd_state = {}, {}
+  params = dict(model.named_parameters())
+  for name, tensor in model.state_dict().items():
+    lr, wd = by_param.get(id(params[name]), (-1., -1.)) if name in params else (0., 0.)
+    lr_state[name] = np.full(tensor.shape, lr, np.float32)
+    wd_state[name] = np.full(tensor.shape, wd, np.float32)
+
+  config = config_cli.load_config(os.path.join(ROOT, 'configs', 'nas_fcos.py'))
+  detector = build_detector(config.model)
+  shapes = detector.init_shapes((1, 128, 128, 3))
+  target = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+  rules = mmdet_rules(config.model)
+  theirs_lr, _ = torch_to_flax(lr_state, rules, target)
+  theirs_wd, _ = torch_to_flax(wd_state, rules, target)
+  frozen = {'backbone': BACKBONES.get('resnet').frozen(shapes['params']['backbone'],
+                                                       config.model.backbone)}
+  frozen.update({k: jax.tree_util.tree_map(lambda _: False, v)
+                 for k, v in shapes['params'].items() if k != 'backbone'})
+  labels = jd_optimizer.param_labels(shapes['params'], frozen, config.optimizer.paramwise)
+  mults = dict(jd_optimizer.group_multipliers(config.optimizer.paramwise), frozen=(-1., -1.))
+  seen = set()
+  for (path, label), lr, wd in zip(jax.tree_util.tree_leaves_with_path(labels),
+                                   jax.tree_util.tree_leaves(theirs_lr['params']),
+                                   jax.tree_util.tree_leaves(theirs_wd['params'])):
+    expected = (float(np.asarray(lr).flat[0]), float(np.asarray(wd).flat[0]))
+    assert mults[label] == pytest.approx(expected), (jax.tree_util.keystr(path), label, expected)
+    seen.add((label, expected))
+  assert {label for label, _ in seen} == {'default', 'bias', 'norm', 'norm_bias', 'dcn_offset',
+                                          'frozen'}
