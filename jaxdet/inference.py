@@ -9,10 +9,14 @@
   result.class_names  [n names], one per box;  result.image_size (h, w)
   draw_detections(image, result).save('out.png')
 
-It runs exactly what evaluation runs: the config's test-time transform (resize, pad into a
-bucket of `data.buckets` / `bucket_shapes`), batches of `data.val.samples_per_gpu` images per
-device grouped by bucket (`EvalLoader`), and `predict_step` under `jax.pmap`, compiled once per
-bucket shape and reused for every later call. Results are the evaluation path's detections
+It runs exactly what evaluation runs: the config's test-time transform (resize), padding as
+`data.test_padding` says (default 'exact': each image to the multiple of `size_divisor` above its
+resized size, as mmdetection pads test images, so that a converted mmdetection checkpoint gives
+mmdetection's detections; 'buckets': into `data.buckets` / `bucket_shapes`), batches of
+`data.val.samples_per_gpu` images per device holding one padded shape each (`EvalLoader`), and
+`predict_step` under `jax.pmap`, compiled once per padded shape and reused for every later call
+(and, through JAX's persistent compilation cache in `~/.cache/jaxdet/xla`, by later processes:
+see `jaxdet.evaluation.enable_compilation_cache`). Results are the evaluation path's detections
 filtered by `score_thr` (scores >= it; default the config's `model.test_cfg.score_thr`, which
 the model already applies to its class scores before NMS).
 
@@ -31,14 +35,15 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxdet.data import loader as data_loader
 from jaxdet.data import transforms as T
 from jaxdet.data.categories import config_categories
-from jaxdet.data.loader import EvalLoader
 from jaxdet.data.sources import decode_image
 from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
 from jaxdet.engine.steps import AXIS, predict_step
 from jaxdet.engine.train_state import replicate
+from jaxdet.evaluation import enable_compilation_cache
 from jaxdet.models.detectors import build_detector, compute_dtype
 
 
@@ -58,7 +63,7 @@ class Detections:
 def check_variables(detector, variables, image_shape, *, what='the checkpoint'):
   """Raises a one-line ValueError naming `what` unless `variables` fit `detector.module` (the
   same leaves and shapes as its initialisation for images of `image_shape` (B, H, W, 3))."""
-  expected = jax.eval_shape(detector.init, jax.random.key(0), tuple(image_shape))
+  expected = detector.init_shapes(image_shape)
   expected = {k: v for k, v in expected.items() if k in ('params', 'batch_stats')}
   diff = ckpt.diff_variables(expected, {k: variables.get(k, {}) for k in expected})
   if any(diff.values()):
@@ -134,14 +139,15 @@ class Detector:
     self.model = build_detector(config.model, self.dtype)
     self.img_scale = tuple(data.img_scale)
     self.transform = T.build_test_transform(pipeline, self.img_scale)
-    self.buckets = T.bucket_shapes(pipeline, self.img_scale, train=False,
-                                   buckets=data.get('buckets', ()))
+    self.init_shape = T.bucket_shapes(pipeline, self.img_scale, train=False)[0]   # for checks
     self.size_divisor = pipeline.get('size_divisor', 32)
     self.batch_size = int(batch_size or data.val.get('samples_per_gpu', data.samples_per_gpu))
     if self.batch_size < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     self.num_devices = jax.local_device_count()
-    check_variables(self.model, variables, (1, *self.buckets[0], 3), what=what)
+    check_variables(self.model, variables, (1, *self.init_shape, 3), what=what)
+    data_loader.eval_padding(data)   # a bad data.test_padding fails here, not at the first call
+    enable_compilation_cache()
     self.score_thr = float(config.model.test_cfg.score_thr if score_thr is None else score_thr)
     names, ids = config_categories(config)
     self.class_names = list(class_names) if class_names is not None else names
@@ -193,17 +199,22 @@ class Detector:
     return results[0] if single else results
 
   def batches(self, arrays: Sequence[np.ndarray]):
-    """The evaluation loader's batches (dicts of (D, B, ...) numpy arrays) of `arrays`."""
+    """The evaluation loader's batches (dicts of (D, B, ...) numpy arrays) of `arrays`, padded
+    as `data.test_padding` says (`jaxdet.data.loader.eval_shapes`)."""
     if not len(arrays):
       return []
     quiet = logging.getLogger('jaxdet.data.loader')   # no 'evaluation data: ...' line per call
     level = quiet.level
     quiet.setLevel(max(level, logging.WARNING))
     try:
-      loader = EvalLoader(_Images(arrays), self.transform, buckets=self.buckets,
-                          samples_per_gpu=self.batch_size, num_devices=self.num_devices,
-                          max_gt=1, num_workers=0, size_divisor=self.size_divisor,
-                          process_index=0, process_count=1)
+      images = _Images(arrays)
+      info = data_loader.index_info(images)
+      shapes, shape_of = data_loader.eval_shapes(self.config.data, info)
+      loader = data_loader.EvalLoader(
+          images, self.transform, buckets=shapes, bucket_of=shape_of,
+          samples_per_gpu=self.batch_size, num_devices=self.num_devices, max_gt=1,
+          num_workers=0, size_divisor=self.size_divisor, process_index=0, process_count=1,
+          info=info)
     finally:
       quiet.setLevel(level)
     return (loader.seq[j] for j in range(len(loader.seq)))
@@ -221,7 +232,8 @@ class Detector:
     def collect(batch, pred):
       pred = jax.device_get(pred)
       flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])
-      boxes, scores, labels, valid = (flat(v) for v in pred)
+      boxes, scores, labels, valid = (flat(v) for v in (pred.boxes, pred.scores, pred.labels,
+                                                         pred.valid))
       for row, (index, ok) in enumerate(zip(flat(batch['image_id']), flat(batch['image_valid']))):
         if not ok:
           continue

@@ -128,3 +128,47 @@ def test_bad_test_padding_is_a_one_line_error():
     L.EvalLoader(SizedSource(SIZES), T.build_test_transform(_config().pipeline, (64, 40)),
                  buckets=[(40, 64)], bucket_of=[0, 1] * 4 + [0], samples_per_gpu=1,
                  num_devices=1, max_gt=2)
+
+
+_CACHE_RUN = '''
+import logging, sys
+import jax, jax.numpy as jnp
+from jaxdet.evaluation import enable_compilation_cache
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+logging.getLogger("jax._src.compiler").setLevel(logging.DEBUG)
+print("DIR", enable_compilation_cache(), jax.config.jax_compilation_cache_dir)
+f = jax.pmap(lambda x: jnp.tanh(x @ x.T).sum(), axis_name="i")
+print("OUT", float(f(jnp.ones((1, 8, 8)))[0]))
+'''
+
+
+def test_persistent_compilation_cache_second_process_compiles_nothing(tmp_path):
+  """`enable_compilation_cache`: a second process reads every program from the folder
+  (JAXDET_COMPILATION_CACHE); '' turns it off; JAX's own setting is left alone."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  def run(cache):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('JAX_COMPILATION_CACHE', 'JAX_PERSISTENT_CACHE'))}
+    env.update(JAX_PLATFORMS='cpu', JAXDET_COMPILATION_CACHE=cache)
+    out = subprocess.run([sys.executable, '-c', _CACHE_RUN], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    return (out, out.count('PERSISTENT COMPILATION CACHE MISS'),
+            out.count('Persistent compilation cache hit'))
+
+  cache = str(tmp_path / 'xla')
+  first, misses, _ = run(cache)
+  assert f'DIR {cache} {cache}' in first and misses >= 1 and os.listdir(cache)
+  second, misses, hits = run(cache)
+  assert misses == 0 and hits >= 1
+  assert first.split('OUT')[1] == second.split('OUT')[1]
+  off, _, hits = run('')
+  assert 'DIR None None' in off and hits == 0
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxdet.evaluation import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+  before = jax.config.jax_compilation_cache_dir
+  if before:   # tests/conftest.py sets JAX_COMPILATION_CACHE_DIR: left as it is
+    assert enable_compilation_cache(str(tmp_path / 'other')) == before
+    assert jax.config.jax_compilation_cache_dir == before

@@ -154,6 +154,35 @@ def test_detector_equals_the_evaluation_path(trained, detector, tmp_path):
   np.testing.assert_array_equal(single.scores, results[3].scores)
 
 
+def test_detector_pads_each_image_as_mmdetection_does(trained, detector):
+  """Default (data.test_padding='exact'): each image padded to the multiple of 32 above its
+  resized size, batched with images of the same padded shape only; its detections equal those of
+  a detector whose one bucket is that shape (the old workaround), whatever the other images."""
+  overrides, work_dir, _ = trained
+  rng = np.random.default_rng(3)
+  sizes = [(30, 64), (64, 24), (50, 50), (20, 70), (30, 64)]   # img_scale (64, 64)
+  arrays = [shapes.render_image(rng, 64, labels=[0, 2], clutter=False)[0][:h, :w]
+            for h, w in sizes]
+  expected = [(32, 64), (64, 32), (64, 64), (32, 64), (32, 64)]   # 64-px fit, ceil to 32
+  seen = {}
+  for batch in detector.batches(arrays):
+    shape = batch['image'].shape[2:4]
+    for i in batch['image_id'][batch['image_valid']]:
+      seen[int(i)] = shape
+  assert [seen[i] for i in range(len(sizes))] == expected
+  results = detector(arrays, score_thr=0.0)
+  for shape in sorted(set(expected)):
+    one_bucket = Detector.from_checkpoint(
+        SPEC, work_dir, overrides=overrides + ["--config.data.test_padding=buckets",
+                                               f"--config.data.buckets=(({shape[0]},{shape[1]}),)"])
+    members = [i for i, s in enumerate(expected) if s == shape]
+    for i, r in zip(members, one_bucket([arrays[i] for i in members], score_thr=0.0)):
+      assert len(r) > 0
+      np.testing.assert_array_equal(r.boxes, results[i].boxes)
+      np.testing.assert_array_equal(r.scores, results[i].scores)
+      np.testing.assert_array_equal(r.labels, results[i].labels)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 def _big_image(path):

@@ -38,7 +38,7 @@ grain interleaves them in order).
 # pylint: disable=unused-import
 from jaxdet.data.loader.batch import BatchMaker, batch_rng, check_positive, grain_iterator
 from jaxdet.data.loader.build import (TEST_PADDING, build_eval_loader, build_train_loader,
-                                      count_programs, eval_shapes)
+                                      count_programs, eval_padding, eval_shapes)
 from jaxdet.data.loader.eval_loader import EvalBatches, EvalLoader
 from jaxdet.data.loader.index import IndexInfo, index_info
 from jaxdet.data.loader.train_loader import (STATE_VERSION, TrainBatches, TrainIterator,

@@ -52,6 +52,15 @@ def build_train_loader(data, source, *, seed=0, num_devices=None, num_epochs=Non
 TEST_PADDING = ('exact', 'buckets')
 
 
+def eval_padding(data):
+  """``data.test_padding`` ('exact' when unset); a one-line ValueError unless one of
+  `TEST_PADDING`."""
+  mode = data.get("test_padding", "exact")
+  if mode not in TEST_PADDING:
+    raise ValueError(f"data.test_padding={mode!r}: expected one of {TEST_PADDING}")
+  return mode
+
+
 def eval_shapes(data, info):
   """(shapes, shape_of): the padded (H, W) shapes of the test batches and each record's index
   into them, from the records' original sizes (``info``, an `IndexInfo`) alone.
@@ -62,13 +71,11 @@ def eval_shapes(data, info):
   `jaxdet.data.transforms.padding`.
   """
   p, scale = data.pipeline, tuple(data.img_scale)
-  mode = data.get("test_padding", "exact")
+  mode = eval_padding(data)
   if mode == "buckets":
     shapes = T.bucket_shapes(p, scale, train=False, buckets=data.get("buckets", ()))
     return shapes, np.array([T.choose_bucket(h, w, shapes)
                              for h, w in zip(info.heights, info.widths)], np.int64)
-  if mode != "exact":
-    raise ValueError(f"data.test_padding={mode!r}: expected one of {TEST_PADDING}")
   padded = T.exact_test_shapes(T.eval_resize(p, scale), p.get("size_divisor", 32),
                                info.heights, info.widths)
   shapes, shape_of = np.unique(padded.reshape(-1, 2), axis=0, return_inverse=True)
@@ -84,8 +91,7 @@ def build_eval_loader(data, source, *, num_devices=None, process_index=None,
   info = info if info is not None else index_info(source)
   shapes, shape_of = eval_shapes(data, info)
   log.info("test-time padding %r (size divisor %d): %d image shape(s) from the image sizes, "
-           "each compiled once", data.get("test_padding", "exact"), p.get("size_divisor", 32),
-           len(shapes))
+           "each compiled once", eval_padding(data), p.get("size_divisor", 32), len(shapes))
   return EvalLoader(
       source, T.build_test_transform(p, tuple(data.img_scale)), buckets=shapes,
       bucket_of=shape_of, samples_per_gpu=data.val.get("samples_per_gpu", data.samples_per_gpu),
@@ -101,7 +107,7 @@ def count_programs(data, *, num_devices, train=True):
   pad to (`transforms.padding.possible_test_shapes`; 83 for (1333, 800) and divisor 32).
   `TrainLoader.shapes` / `EvalLoader.shapes` give the exact list for a given dataset."""
   check_positive(num_devices=num_devices)
-  if not train and data.get("test_padding", "exact") == "exact":
+  if not train and eval_padding(data) == "exact":
     p = data.pipeline
     return len(T.possible_test_shapes(T.eval_resize(p, tuple(data.img_scale)),
                                       p.get("size_divisor", 32)))

@@ -31,9 +31,5 @@ from jaxdet.data.sources.images import decode_image
 from jaxdet.data.sources.records import DataError
 from jaxdet.data.sources.tfds_source import TfdsSource
 
-# Old private names, still imported by jaxdet/evaluation.py (to be switched to the public ones).
-_quiet_coco = coco_from_dict
-_read_coco_json = read_coco_json
-
 __all__ = ['COCO80_IDS', 'CocoSource', 'DataError', 'TfdsSource', 'build_source',
            'check_num_classes', 'coco_from_dict', 'decode_image', 'read_coco_json']
