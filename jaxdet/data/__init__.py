@@ -1,4 +1,9 @@
-"""From files on disk to records: sources (COCO, TFDS, the built-in shapes dataset).
+"""From files on disk to static-shape batches.
+
+  sources/     files -> records (COCO, TFDS, the built-in shapes dataset via `shapes`)
+  transforms/  records -> transformed samples (mmdetection 3.3 semantics), padded shapes
+  loader/      samples -> training / evaluation batches on grain
+  categories   class names and ids of a model's labels without the dataset
 
 See ``jaxdet.data.sources`` for the record format every source yields.
 """
