@@ -39,11 +39,13 @@ import jax
 import jax.numpy as jnp
 
 
-def solve_rows(a, row_valid, col_valid):
+def solve_rows(a, row_valid, col_valid, *, transposed=False):
   """Assigns every valid row of each (R, C) problem to a distinct valid column, least total cost.
 
   Args:
-    a: (B, R, C) float32 costs, finite where both row and column are valid (others are ignored).
+    a: (B, R, C) float32 costs, finite where both row and column are valid (others are ignored,
+      NaN included); (B, C, R) if ``transposed`` (DETR's (queries, gts) cost with the gts as
+      rows: no transposed copy is made).
     row_valid: (B, R) bool.
     col_valid: (B, C) bool, with ``sum(col_valid[b]) >= sum(row_valid[b])`` for every b.
 
@@ -51,17 +53,25 @@ def solve_rows(a, row_valid, col_valid):
     ``(col4row, row4col, trips)``: (B, R) int32 column of each row (-1 for invalid rows), (B, C)
     int32 row of each column (-1 for columns left free), and the number of loop trips taken.
   """
-  num_b, num_r, num_c = a.shape
-  a = jnp.where(row_valid[:, :, None] & col_valid[:, None, :], a.astype(jnp.float32), 0.)
+  if transposed:
+    num_b, num_c, num_r = a.shape
+    c_axis, a_rows = 1, (lambda r: a[jnp.arange(num_b), :, r])
+  else:
+    num_b, num_r, num_c = a.shape
+    c_axis, a_rows = 2, (lambda r: a[jnp.arange(num_b), r])
   rows, cols, bidx = jnp.arange(num_r), jnp.arange(num_c), jnp.arange(num_b)
+  col_valid_a = jnp.expand_dims(col_valid, 3 - c_axis)  # broadcasts against a
 
   # Exact warm start: row minima as potentials, each column to the first row whose minimum it is.
-  row_min = jnp.where(row_valid, jnp.min(jnp.where(col_valid[:, None, :], a, jnp.inf), axis=2), 0.)
-  first_min = _first(col_valid[:, None, :] & (a == row_min[:, :, None]), axis=2)  # (B, R)
-  hits = (first_min[:, :, None] == cols) & row_valid[:, :, None]  # (B, R, C)
-  row4col = _first(hits, axis=1)
-  col4row = jnp.where(row_valid & (jnp.take_along_axis(row4col, first_min, 1) == rows),
-                      first_min, -1)
+  row_min = jnp.where(row_valid, jnp.min(jnp.where(col_valid_a, a, jnp.inf), axis=c_axis), 0.)
+  first_min = _first(col_valid_a & (a == jnp.expand_dims(row_min, c_axis)), axis=c_axis)
+  first_min = jnp.where(row_valid, first_min, num_c)  # (B, R); num_c: none
+  row4col = jnp.full((num_b, num_c), num_r, jnp.int32).at[bidx[:, None], first_min].min(
+      jnp.broadcast_to(rows, (num_b, num_r)), mode='drop')
+  row4col = jnp.where(row4col < num_r, row4col, -1)
+  col4row = jnp.where(
+      row_valid & (jnp.take_along_axis(row4col, jnp.minimum(first_min, num_c - 1), 1) == rows),
+      first_min, -1)
   # The rows left to insert, in order (a matched row stays matched): (B, R), then R.
   to_insert = jnp.sort(jnp.where(row_valid & (col4row < 0), rows, num_r), axis=1)
 
@@ -103,7 +113,7 @@ def solve_rows(a, row_valid, col_valid):
     v, row4col, col4row, dist = s['v'], s['row4col'], s['col4row'], s['dist']
 
     # One Dijkstra step: relax the columns from `row`, reach the nearest one.
-    a_row = a[bidx, row]
+    a_row = a_rows(row)
     own = jnp.maximum(col4row[bidx, row], 0)
     u_row = jnp.where(row == cur, row_min[bidx, row], a_row[bidx, own] - v[bidx, own])
     reduced = min_val[:, None] + a_row - u_row[:, None] - v
@@ -139,7 +149,8 @@ def solve_rows(a, row_valid, col_valid):
     return dict(trips=s['trips'] + 1, done=done, inserted=s['inserted'] + start,
                 cur=jnp.where(finished, -1, cur), row=row, min_val=min_val, v=v,
                 col4row=col4row, row4col=row4col, dist=dist, path=path, seen_cols=seen_cols,
-                flipping=flipping & ~finished, col_at=jnp.where(flipping, before, col_at))
+                flipping=flipping & ~finished,
+                col_at=jnp.where(flipping & ~finished, before, col_at))
 
   out = jax.lax.while_loop(cond, body, state)
   return out['col4row'], out['row4col'], out['trips']
@@ -161,15 +172,14 @@ def match_columns(cost, col_mask):
   with the rows as rows; min(N, valid columns) pairs either way.
   """
   num_b, num_n, num_m = cost.shape
-  gts_as_rows = jnp.swapaxes(cost, 1, 2)  # (B, M, N)
   if num_m <= num_n:  # always at most N valid columns: no second orientation needed
-    col4row, _, _ = solve_rows(gts_as_rows, col_mask, jnp.ones((num_b, num_n), bool))
+    col4row, _, _ = solve_rows(cost, col_mask, jnp.ones((num_b, num_n), bool), transposed=True)
     return jnp.where(col_mask, col4row, -1)
   # More columns than rows: both orientations padded to (M, M), chosen per problem.
   flip = col_mask.sum(1) > num_n  # more valid columns than rows: the rows are the rows
   extra = num_m - num_n
   a = jnp.where(flip[:, None, None], jnp.pad(cost, ((0, 0), (0, extra), (0, 0))),
-                jnp.pad(gts_as_rows, ((0, 0), (0, 0), (0, extra))))
+                jnp.pad(jnp.swapaxes(cost, 1, 2), ((0, 0), (0, 0), (0, extra))))
   first_n = jnp.arange(num_m) < num_n
   row_valid = jnp.where(flip[:, None], first_n, col_mask)
   col_valid = jnp.where(flip[:, None], col_mask, first_n)
