@@ -254,3 +254,23 @@ def test_configs_recipe():
                                               max_per_img=200, min_bbox_size=0.0)
   smoke = config_cli.load_config(os.path.join(root, 'configs', 'ssd300.py:smoke'))
   assert smoke.data.source == 'shapes' and smoke.model.num_classes == 5
+
+
+def test_smoke_norm_variants_params():
+  """with_bn / norm='bn' (the smoke's from-scratch model): every VGG conv (conv6 / conv7
+  included) gets a BatchNorm; the neck's convs lose their bias for one (mmcv ConvModule)."""
+  image = jax.ShapeDtypeStruct((1, 160, 160, 3), jnp.float32)
+  plain = jax.eval_shape(SSDVGG(base_width=8).init, jax.random.key(0), image)
+  bn = jax.eval_shape(SSDVGG(base_width=8, with_bn=True).init, jax.random.key(0), image)
+  widths = [8, 8, 16, 16, 32, 32, 32, 64, 64, 64, 64, 64, 64, 128, 128]
+  assert _count(bn['params']) == _count(plain['params']) + 2 * sum(widths)
+  assert _count(bn['batch_stats']) == 2 * sum(widths)
+  feats = (jnp.zeros((1, 20, 20, 64)), jnp.zeros((1, 10, 10, 128)))
+  kw = dict(in_channels=(64, 128), out_channels=(64, 128, 64, 32, 32), level_strides=(2, 2, 1),
+            level_paddings=(1, 1, 0))
+  plain = jax.eval_shape(SSDNeck(**kw).init, jax.random.key(0), feats)
+  bn = jax.eval_shape(SSDNeck(norm='bn', **kw).init, jax.random.key(0), feats)
+  convs = [32, 64, 16, 32, 16, 32]  # (1x1, 3x3) per extra level
+  assert _count(bn['params']) == _count(plain['params']) - sum(convs) + 2 * sum(convs)
+  with pytest.raises(ValueError, match="model.neck.norm='gn'"):
+    SSDNeck(norm='gn', **kw).init(jax.random.key(0), feats)

@@ -16,7 +16,7 @@ def get_config(num_classes=80):
       neck=dict(type='ssd_neck', in_channels=(512, 1024),
                 out_channels=(512, 1024, 512, 256, 256, 256),
                 level_strides=(2, 2, 1, 1), level_paddings=(1, 1, 0, 0), l2_norm_scale=20.,
-                last_kernel_size=3),
+                last_kernel_size=3, norm='', norm_eval=False),
       head=dict(
           # SSDAnchorGenerator(scale_major=False): sizes from input_size and
           # basesize_ratio_range, unless min_sizes / max_sizes (pixels per level) are given.
@@ -47,14 +47,15 @@ def ssd512(model):
 
 def small(model, width=8):
   """The smoke model, in place: the same SSD at 160 px. VGG16 at 1/8 width with BatchNorm after
-  each conv (mmcv VGG's `with_bn`; without pretrained weights the plain VGG starts with logits in
-  the hundreds, loss 150, gradient norm 2,000), five levels of 20, 10, 5, 3 and 1 cells (the 160
+  every conv, also in the neck (`with_bn`, mmdetection's SSDNeck `norm_cfg=BN`: without pretrained
+  weights the plain VGG starts with logits in the hundreds, loss 150, gradient norm 2,000, and BN
+  in the VGG stages alone still diverged at lr 0.01), five levels of 20, 10, 5, 3 and 1 cells (the 160
   px input has no room for SSD300's sixth), anchors of 8 to 150 px for the shapes' 8-96 px
   objects (SSD300's sizes would start at 21 px)."""
   w = width
   model.backbone.update(base_width=w, with_bn=True, pretrained='')
   model.neck.update(in_channels=(8 * w, 16 * w), out_channels=(8 * w, 16 * w, 8 * w, 4 * w, 4 * w),
-                    level_strides=(2, 2, 1), level_paddings=(1, 1, 0))
+                    level_strides=(2, 2, 1), level_paddings=(1, 1, 0), norm='bn')
   model.head.update(strides=(8, 16, 32, 53, 160), ratios=((2,), (2, 3), (2, 3), (2,), (2,)),
                     min_sizes=(8, 16, 32, 56, 96), max_sizes=(16, 32, 56, 96, 150))
   return model

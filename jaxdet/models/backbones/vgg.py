@@ -13,9 +13,10 @@ Layers are named as mmcv's `features` Sequential: `features_0` (conv1_1), `featu
 by a BatchNorm and the indices shift as mmcv's do (conv, bn, relu). So the PyTorch name table is
 one rule, `features.N -> features_N` (`TORCH_NAMES`).
 
-Knobs for small runs (mmcv's VGG has them too): `depth` 11 / 13 / 16 / 19, `with_bn`, and
-`base_width` (64 in VGG; every width scales with it: stage widths base * (1, 2, 4, 8, 8),
-conv6 / conv7 base * 16).
+Knobs for small runs: `depth` 11 / 13 / 16 / 19 and `with_bn` (as mmcv's VGG; here `with_bn`
+also puts a BatchNorm after conv6 and conv7, which mmdetection's SSDVGG appends plain -- no SSD
+config of mmdetection sets it), and `base_width` (64 in VGG; every width scales with it: stage
+widths base * (1, 2, 4, 8, 8), conv6 / conv7 base * 16).
 Initialisation (mmdetection's without pretrained weights): Kaiming normal, fan_out, ReLU gain,
 biases 0; BN scale 1, bias 0.
 """
@@ -92,8 +93,8 @@ class SSDVGG(nn.Module):
         index += 1
     x = max_pool2d(x, (3, 3), (1, 1), (1, 1))  # pool5
     index += 1
-    x = conv_relu(x, self.base_width * 16, 3, padding=6, dilation=6)  # conv6 (fc6)
-    x = conv_relu(x, self.base_width * 16, 1, padding=0)              # conv7 (fc7)
+    x = conv_relu(x, self.base_width * 16, 3, padding=6, dilation=6, bn=self.with_bn)  # conv6
+    x = conv_relu(x, self.base_width * 16, 1, padding=0, bn=self.with_bn)              # conv7
     outs.append(x)
     return tuple(outs)
 

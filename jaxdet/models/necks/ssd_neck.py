@@ -13,6 +13,8 @@ to half its width + ReLU and a kxk conv (stride / padding per level) + ReLU on t
 Names follow mmdetection (`l2_norm` with leaf `scale` for its `weight`, `extra_layers_{i}_0`
 / `extra_layers_{i}_1` for `extra_layers.i.0.conv` / `extra_layers.i.1.conv`); `TORCH_NAMES` maps
 them. Initialisation: xavier-uniform weights, zero biases (mmdetection's `init_cfg`).
+`norm='bn'` is mmdetection's `norm_cfg=dict(type='BN')`: each extra conv loses its bias and gets a
+BatchNorm (`extra_layers.i.j.bn`, scale 1, bias 0) before its ReLU (the smoke's from-scratch run).
 """
 from typing import Sequence
 
@@ -24,6 +26,7 @@ from jaxdet.models.registry import NECKS, Part
 TORCH_NAMES = (
     (r'l2_norm', r'l2_norm'),
     (r'extra_layers\.(\d+)\.([01])\.conv', r'extra_layers_\1_\2'),
+    (r'extra_layers\.(\d+)\.([01])\.bn', r'extra_layers_\1_\2_bn'),
 )
 
 _xavier = nn.initializers.xavier_uniform()
@@ -50,6 +53,8 @@ class SSDNeck(nn.Module):
   level_paddings: Sequence[int] = (1, 1, 0, 0)
   l2_norm_scale: float = 20.
   last_kernel_size: int = 3
+  norm: str = ''           # '' or 'bn' (mmdetection's norm_cfg=dict(type='BN'))
+  norm_eval: bool = False  # norm 'bn': normalise with the stored statistics even in training
   dtype: jnp.dtype = None
 
   @nn.compact
@@ -65,6 +70,19 @@ class SSDNeck(nn.Module):
     if len(feats) != len(in_ch) or any(f.shape[-1] != c for f, c in zip(feats, in_ch)):
       raise ValueError(f'model.neck.in_channels={in_ch} but the backbone gives '
                        f'{tuple(f.shape[-1] for f in feats)}')
+    if self.norm not in ('', 'bn'):
+      raise ValueError(f"model.neck.norm={self.norm!r} must be '' or 'bn'")
+    with_bn = self.norm == 'bn'
+
+    def conv_act(x, width, kernel, stride, pad, name):
+      x = nn.Conv(width, (kernel, kernel), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)), use_bias=not with_bn, kernel_init=_xavier,
+                  name=name, dtype=self.dtype)(x)
+      if with_bn:
+        x = nn.BatchNorm(use_running_average=self.norm_eval or not train, momentum=0.9,
+                         epsilon=1e-5, name=f'{name}_bn', dtype=self.dtype)(x)
+      return nn.relu(x)
+
     outs = list(feats)
     if self.l2_norm_scale:
       outs[0] = L2Norm(self.l2_norm_scale, name='l2_norm')(outs[0])
@@ -72,15 +90,12 @@ class SSDNeck(nn.Module):
     for i, (width, stride, pad) in enumerate(zip(out_ch[len(in_ch):], self.level_strides,
                                                  self.level_paddings)):
       kernel = self.last_kernel_size if i == num_extra - 1 else 3
-      x = nn.relu(nn.Conv(width // 2, (1, 1), kernel_init=_xavier, name=f'extra_layers_{i}_0',
-                          dtype=self.dtype)(x))
+      x = conv_act(x, width // 2, 1, 1, 0, f'extra_layers_{i}_0')
       if min(x.shape[1:3]) + 2 * pad < kernel:
         raise ValueError(f'model.neck: extra level {i} gets a {x.shape[1]}x{x.shape[2]} map, '
                          f'too small for a {kernel}x{kernel} conv with padding {pad}; use '
                          'fewer levels or a larger input')
-      x = nn.relu(nn.Conv(width, (kernel, kernel), strides=(stride, stride),
-                          padding=((pad, pad), (pad, pad)), kernel_init=_xavier,
-                          name=f'extra_layers_{i}_1', dtype=self.dtype)(x))
+      x = conv_act(x, width, kernel, stride, pad, f'extra_layers_{i}_1')
       outs.append(x)
     return tuple(outs)
 
@@ -91,7 +106,8 @@ def from_config(cfg, dtype=None):
                  level_strides=tuple(cfg.level_strides),
                  level_paddings=tuple(cfg.level_paddings),
                  l2_norm_scale=cfg.get('l2_norm_scale', 20.),
-                 last_kernel_size=cfg.get('last_kernel_size', 3), dtype=dtype)
+                 last_kernel_size=cfg.get('last_kernel_size', 3), norm=cfg.get('norm', ''),
+                 norm_eval=cfg.get('norm_eval', False), dtype=dtype)
 
 
 NECKS.register('ssd_neck', Part(build=from_config, torch_names=TORCH_NAMES))
