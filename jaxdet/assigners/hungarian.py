@@ -12,16 +12,14 @@ Methods:
   of the batch advanced together in one ``while_loop`` inside the compiled program; float32.
 * ``'host'``: scipy's ``linear_sum_assignment`` (float64) through one ``jax.pure_callback`` for the
   whole batch (vmap folds into the same call): the device waits for the host.
-* ``'auto'``: ``'host'`` when compiled for CPU, ``'device'`` for GPU / TPU (chosen per platform at
-  lowering by ``lax.platform_dependent``; only the chosen branch is compiled). Measured with
-  ``experiments/bench_matcher.py`` on DETR's workload (6 layers x 16 images, 100 queries x 100
-  padded gts of which 1-50 real; medians of 3 runs, 2-core CPU shared with other jobs at load
-  16-19), ms per call and ratio to scipy in a Python loop: scipy loop 25.0; 'host' 36.7 (1.42x);
-  'device' 60.0 (2.33x, compile ~11 s at that load); optax's solver 430 (17x). The callback's
-  cost is its hand-off and copy of the cost to Python (a no-op callback alone: 10 ms at that
-  load, ~2 ms at best), so for 2 layers x 2 images 'host' is 2.2 ms vs the loop's 0.9 ms and
-  'device' 3.4 ms. On a GPU the callback would add a device-host round trip per step and stall
-  the pipeline, so the device solver is the default there (not measured on a GPU yet).
+* ``'auto'``: ``'device'``, on every platform: as fast as 'host' on this CPU for DETR's batch and
+  faster for small batches, and without a host round trip per step on an accelerator. Measured with ``experiments/bench_matcher.py`` on
+  DETR's workload (costs by ``detr_match_cost``, 100 queries x 100 padded gts of which 1-50 real),
+  on the 2-core CPU shared with other jobs (load 16-19), medians of 5 runs, ratio to scipy in a
+  Python loop: 6 layers x 16 images: 'device' 1.63x, 'host' 1.58x (scipy loop 21-27 ms);
+  2 layers x 2 images: 'device' 1.76x, 'host' 2.94x (loop 0.5-0.8 ms; the callback's hand-off and
+  copy of the cost dominate). optax's solver: 17-20x. The device solver's compile is ~10 s at
+  that load (the callback's 0.2 s). Not measured on a GPU yet.
 """
 import jax
 import jax.numpy as jnp
@@ -76,13 +74,10 @@ def hungarian_match(cost, col_mask=None, *, method='auto'):
   col_mask = jnp.broadcast_to(jnp.asarray(col_mask, bool), batch + (num_cols,))
   flat_cost = cost.reshape((-1, num_rows, num_cols))
   flat_mask = col_mask.reshape((-1, num_cols))
-  if method == 'device':
-    col_to_row = match_columns(flat_cost, flat_mask)
-  elif method == 'host':
+  if method == 'host':
     col_to_row = _host_match_columns(flat_cost, flat_mask)
-  else:
-    col_to_row = jax.lax.platform_dependent(flat_cost, flat_mask, cpu=_host_match_columns,
-                                            default=match_columns)
+  else:  # 'device', 'auto'
+    col_to_row = match_columns(flat_cost, flat_mask)
   flat_rows = jnp.where(col_to_row >= 0, col_to_row, num_rows)
   col_to_row = col_to_row.reshape(batch + (num_cols,))
   row_to_col = jnp.full((len(flat_rows), num_rows), -1, jnp.int32).at[

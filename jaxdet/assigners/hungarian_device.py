@@ -13,7 +13,10 @@ Problem per batch element: an (R, C) cost ``a`` with valid rows (``row_valid``) 
 columns (``col_valid``), at most as many valid rows as valid columns. Every valid row gets a
 distinct valid column, with the least total cost. ``hungarian_match`` orients DETR's problem
 so: the real gts are the rows and the queries the columns (or the other way round for an image
-with more real gts than queries), so that the loop runs over real gt rows only.
+with more real gts than queries), so that the loop runs over real gt rows only. The cost is read
+where it lies (a gt's row is a strided column of the (queries, gts) cost): on XLA:CPU each pass
+over a (96, 100, 100) batch costs ~1 ms, as much as ~10 loop trips, so the warm start makes two
+(row minima, first minima) and no transposed or sanitised copy (M > N pays one transpose).
 
 Exact warm start: row potentials ``u`` are the row minima over the valid columns, column
 potentials ``v`` are 0, and each column is given to the first row whose (first) minimum it is.
