@@ -14,7 +14,8 @@ garbage (their boxes are NaN).
 Solvers, one line each: compile time (s) and ms per call for the whole workload (median and min
 of ``--repeats`` rounds after a warm-up; each round calls every solver once, so load swings on a
 shared machine hit all alike), and the median's ratio to the scipy loop's:
-- ``device`` / ``host`` / ``auto``: ``hungarian_match(cost, col_mask, method=...)`` jitted, one call;
+- ``device`` / ``host`` / ``auto`` (= device): ``hungarian_match(cost, col_mask, method=...)`` jitted,
+  one call;
 - ``optax``: ``optax.assignment.hungarian_algorithm`` vmapped over the flattened batch, on the
   (M, N + M) padded problem the previous ``hungarian_match`` built (gts as rows, one dummy each);
 - ``scipy loop``: ``linear_sum_assignment`` on ``cost[:, valid]`` in a Python loop over the numpy
@@ -61,7 +62,7 @@ def detr_workload(rng, layers, images, queries=100, pad_gt=100, max_gt=50):
 
 
 def optax_match(cost, col_mask):
-  """Yesterday's ``hungarian_match``: optax's solver on the (M, N + M) dummy problem, vmapped."""
+  """The previous ``hungarian_match``: optax's solver on the (M, N + M) dummy problem, vmapped."""
   from optax.assignment import hungarian_algorithm
 
   def one(cost, col_mask):
