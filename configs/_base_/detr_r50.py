@@ -28,5 +28,7 @@ def get_config(num_classes=80):
                 # jaxdet.assigners.hungarian_match: 'auto' = scipy on the host when compiled for
                 # CPU, the on-device solver on GPU / TPU; 'device' | 'host' force one.
                 match_method='auto'),
-      test_cfg=dict(max_per_img=100),
+      # no score threshold in DETR's prediction (mmdetection keeps the top 100); score_thr is only
+      # jaxdet.Detector's default display filter
+      test_cfg=dict(max_per_img=100, score_thr=0.0),
   ))
