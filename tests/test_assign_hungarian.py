@@ -217,6 +217,22 @@ def test_no_gradient_through_matching(method):
   np.testing.assert_array_equal(grad, want)
 
 
+def test_host_is_one_callback_for_every_axis(monkeypatch):
+  """vmap of a batched call still calls scipy's loop once, with every problem."""
+  import jaxdet.assigners.hungarian as hungarian_module
+  calls = []
+  scipy_batch = hungarian_module._scipy_match_columns
+  monkeypatch.setattr(hungarian_module, '_scipy_match_columns',
+                      lambda c, m: calls.append(c.shape) or scipy_batch(c, m))
+  rng = np.random.default_rng(5)
+  cost, mask = np.float32(rng.normal(size=(3, 2, 5, 4))), rng.random((3, 2, 4)) < 0.7
+  fn = jax.jit(jax.vmap(lambda c, m: hungarian_match(c, m, method='host')))
+  row_to_col, col_to_row = fn(cost, mask)
+  assert len(calls) == 1 and np.prod(calls[0][:-2]) == 6
+  for idx in np.ndindex(3, 2):
+    check_optimal(cost[idx], mask[idx], row_to_col[idx], col_to_row[idx])
+
+
 @pytest.mark.parametrize('method', ('host',))  # the callback; 'device' is plain XLA
 def test_pmap(method):
   """The host callback inside pmap (one process, every local CPU device)."""
