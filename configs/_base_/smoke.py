@@ -28,6 +28,7 @@ def run_size(config, *, name, network, backbone='R-18/4', style='pytorch', epoch
   config.workflow = (('train', 1),)
   config.log_interval = 25
   config.eval_interval = epochs
+  config.checkpoint_every_minutes = 0   # smoke runs: checkpoints at epoch ends only
   config.work_dir = f'work_dirs/{name}_smoke'
   config.results_row = dict(network=network, dataset='shapes', backbone=backbone, style=style,
                             lr_schd='smoke')
