@@ -26,7 +26,6 @@ Keys: the last layer's `loss_cls`, `loss_bbox`, `loss_iou` (mmdetection's names)
 Images with `image_valid` False add nothing (no positives, no negatives); an image without boxes
 adds only background CE terms.
 """
-import inspect
 import logging
 
 import jax
@@ -68,13 +67,9 @@ def detr_cost(cls_scores, bbox_preds, gt_labels, gt_boxes_px, factor, *, cls_wei
 
 
 def match(cost, col_mask, method='auto'):
-  """(..., Q) int32 gt index of each query, -1 for none: `hungarian_match` over leading axes."""
-  if 'method' in inspect.signature(hungarian_match).parameters:  # the batched matcher
-    return hungarian_match(cost, col_mask, method=method)[0]
-  fn = lambda c, m: hungarian_match(c, m)[0]
-  for _ in range(cost.ndim - 2):
-    fn = jax.vmap(fn)
-  return fn(cost, jnp.broadcast_to(col_mask, cost.shape[:-2] + col_mask.shape[-1:]))
+  """(..., Q) int32 gt index of each query, -1 for none: one batched `hungarian_match` call
+  over every leading axis (decoder layers x images); `col_mask` (B, G) broadcasts."""
+  return hungarian_match(cost, col_mask, method=method)[0]
 
 
 def detr_loss(outputs, batch, head_cfg, *, axis_name=None):
