@@ -308,3 +308,16 @@ def test_overfit_class_loss_leaves_the_constant_prediction_level():
   print(f'class loss {first:.3f} -> {last:.3f}; constant-prediction level {constant_level:.3f}')
   assert first > 0.9 * constant_level
   assert last < 0.5 * constant_level
+
+
+def test_bfloat16_head_close_to_float32():
+  """dtype=bfloat16 computes in bf16 (float32 params, softmax and outputs): near the f32 result."""
+  feats = (jax.random.normal(jax.random.key(0), (2, 3, 4, 32)),)
+  img_shape = jnp.array([[96, 128], [64, 100]])
+  v = jax.jit(lambda k: small_head().init(k, feats, img_shape, (96, 128)))(jax.random.key(1))
+  run = lambda dtype: jax.jit(lambda: small_head(dtype=dtype).apply(
+      v, feats, img_shape, (96, 128)))()
+  (c32, b32), (c16, b16) = run(None), run(jnp.bfloat16)
+  assert c16.dtype == b16.dtype == jnp.float32
+  assert np.abs(c16 - c32).max() < 0.05 * np.abs(c32).max()
+  assert np.abs(b16 - b32).max() < 0.02
