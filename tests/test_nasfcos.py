@@ -1,5 +1,6 @@
 """NAS-FCOS modules: parameter counts (REFERENCE.md), the FPN's resizing rules and BatchNorm on
 hand-worked / numpy references, and the head's outputs through the shared FCOS loss."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -127,3 +128,33 @@ def test_neck_shapes_and_head_through_fcos_loss():
   assert float(jnp.abs(offset_grad).max()) > 0
   old = neck_vars['batch_stats']['adapt_convs_0']['bn']['mean']
   assert not np.allclose(mutated['batch_stats']['adapt_convs_0']['bn']['mean'], old)
+
+
+def test_grouped_deform_conv_equals_separate_layers():
+  """Three DCNs (one input shared by two) in one grouped call = each as mmcv's
+  `ModulatedDeformConv2dPack` (jaxdet.models.layers.deform_conv) with the same parameters."""
+  from jaxdet.models.layers.deform_conv import ModulatedDeformConv2dPack
+  from jaxdet.models.layers.deform_conv_group import DeformConvWeights, grouped_deform_conv
+
+  class Three(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+      layers = [DeformConvWeights(6, 4, 3, 2, name=f'd{i}') for i in range(3)]
+      return grouped_deform_conv(layers, xs)
+
+  keys = jax.random.split(jax.random.key(0), 8)
+  a, b = (jax.random.normal(k, (2, 7, 9, 4)) for k in keys[:2])
+  xs = (a, a, b)
+  variables = Three().init(keys[2], xs)
+  # non-zero offsets: random offset convs
+  params = jax.tree_util.tree_map(lambda p: p, variables['params'])
+  for i in range(3):
+    conv = params[f'd{i}']['conv_offset']
+    conv['kernel'] = 0.3 * jax.random.normal(keys[3 + i], conv['kernel'].shape)
+    conv['bias'] = jax.random.normal(keys[6], conv['bias'].shape)
+    params[f'd{i}']['bias'] = jnp.arange(6.) * (i + 1)
+  ours = Three().apply({'params': params}, xs)
+  single = ModulatedDeformConv2dPack(6, 3, padding=1, deform_groups=2)
+  for i, x in enumerate(xs):
+    ref = single.apply({'params': params[f'd{i}']}, x)
+    np.testing.assert_allclose(ours[i], ref, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,9 @@ Each branch (classification, regression) is the searched tower, every op an mmcv
   2: dconv3x3  as 0
   3: conv1x1   plain 1x1, no bias
 
-then, as `FCOSHead`, 3x3 output convs `conv_cls` (classes), `conv_reg` (4, times the level's
+(at each level the two branches' DCNs of one op run as one grouped call,
+`jaxdet.models.layers.deform_conv_group`: the same sums, half the compiled DCNs), then, as
+`FCOSHead`, 3x3 output convs `conv_cls` (classes), `conv_reg` (4, times the level's
 learnable `Scale`) and `conv_centerness` (1, off the classification tower; `centerness_on_reg`
 puts it on the regression tower), shared over levels.
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from jaxdet.models.heads.dense_head import Scale
 from jaxdet.models.heads.fcos_head import fcos_loss, fcos_predict
 from jaxdet.models.heads.head import Head
-from jaxdet.models.layers.deform_conv import ModulatedDeformConv2dPack
+from jaxdet.models.layers.deform_conv_group import DeformConvWeights, grouped_deform_conv
 from jaxdet.models.registry import HEADS
 
 caffe2_xavier = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
@@ -52,6 +54,7 @@ class NASFCOSHead(nn.Module):
   num_classes: int
   num_levels: int = 5
   feat_channels: int = 256
+  in_channels: Optional[int] = None  # the neck's channels (None: feat_channels)
   gn_groups: int = 32
   deform_groups: int = 2
   centerness_on_reg: bool = False
@@ -63,9 +66,9 @@ class NASFCOSHead(nn.Module):
       convs, gns = [], []
       for i, (deformable, k) in enumerate(ARCH):
         if deformable:
-          conv = ModulatedDeformConv2dPack(self.feat_channels, k, padding=k // 2,
-                                           deform_groups=self.deform_groups, use_bias=True,
-                                           dtype=self.dtype, name=f'{prefix}_convs_{i}')
+          chn = (self.in_channels or self.feat_channels) if i == 0 else self.feat_channels
+          conv = DeformConvWeights(self.feat_channels, chn, k, self.deform_groups,
+                                   use_bias=True, dtype=self.dtype, name=f'{prefix}_convs_{i}')
         else:
           conv = nn.Conv(self.feat_channels, (k, k), padding=((k // 2,) * 2,) * 2,
                          use_bias=False, kernel_init=caffe2_xavier, dtype=self.dtype,
@@ -86,11 +89,19 @@ class NASFCOSHead(nn.Module):
     self.conv_centerness = out_conv(1, 'conv_centerness')
     self.scales = [Scale(name=f'scales_{i}') for i in range(self.num_levels)]
 
-  @staticmethod
-  def _run_tower(tower, x):
-    for conv, gn in zip(*tower):
-      x = nn.relu(gn(conv(x)))
-    return x
+  def _run_towers(self, x):
+    """Both towers on one level; each pair of DCNs (cls, reg) is one grouped call."""
+    cls_feat = reg_feat = x
+    for i, (deformable, _) in enumerate(ARCH):
+      cls_conv, reg_conv = self.cls_tower[0][i], self.reg_tower[0][i]
+      if deformable:
+        cls_feat, reg_feat = grouped_deform_conv([cls_conv, reg_conv], [cls_feat, reg_feat],
+                                                 dtype=self.dtype)
+      else:
+        cls_feat, reg_feat = cls_conv(cls_feat), reg_conv(reg_feat)
+      cls_feat = nn.relu(self.cls_tower[1][i](cls_feat))
+      reg_feat = nn.relu(self.reg_tower[1][i](reg_feat))
+    return cls_feat, reg_feat
 
   def __call__(self, feats, img_shape=None, input_shape=None, train: bool = False):
     del img_shape, input_shape, train  # a dense head: no padding mask, no BN, no dropout
@@ -98,8 +109,10 @@ class NASFCOSHead(nn.Module):
       raise ValueError(f'NASFCOSHead got {len(feats)} levels, configured for {self.num_levels}')
     cls_out, reg_out, ctr_out = [], [], []
     for level, x in enumerate(feats):
-      cls_feat = self._run_tower(self.cls_tower, x)
-      reg_feat = self._run_tower(self.reg_tower, x)
+      if x.shape[-1] != (self.in_channels or self.feat_channels):
+        raise ValueError(f'NASFCOSHead: level {level} has {x.shape[-1]} channels, expected '
+                         f'{self.in_channels or self.feat_channels} (in_channels)')
+      cls_feat, reg_feat = self._run_towers(x)
       cls_out.append(self.conv_cls(cls_feat))
       reg_out.append(self.scales[level](self.conv_reg(reg_feat)))
       ctr_out.append(self.conv_centerness(reg_feat if self.centerness_on_reg else cls_feat))
@@ -109,7 +122,8 @@ class NASFCOSHead(nn.Module):
 def nasfcos_head_module(head_cfg, num_classes, dtype=None):
   """The NAS-FCOS head of `config.model.head`."""
   return NASFCOSHead(num_classes=num_classes, num_levels=len(head_cfg.strides),
-                     feat_channels=head_cfg.feat_channels, gn_groups=head_cfg.get('gn_groups', 32),
+                     feat_channels=head_cfg.feat_channels,
+                     in_channels=head_cfg.get('in_channels', None), gn_groups=head_cfg.get('gn_groups', 32),
                      deform_groups=head_cfg.get('deform_groups', 2),
                      centerness_on_reg=head_cfg.get('centerness_on_reg', False), dtype=dtype)
 
