@@ -7,12 +7,14 @@ activations stay O(1)), random BN / GN affines, Scales and class biases; the sam
 goes into both sides. mmcv-lite has no compiled NMS: mmdetection's post-processing runs with a
 plain greedy NMS written here (mmcv's `batched_nms` semantics).
 """
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxdet import convert
 from jaxdet.engine import checkpoint as ckpt
@@ -175,8 +177,10 @@ def compared(request, mm, tmp_path_factory):
     return outputs, detector.predict(outputs, batch)
 
   jd_outs, jd_det = jax.device_get(forward(variables, jnp.asarray(images), batch))
+  model.cfg = cfg
   return dict(name=name, mm_outs=mm_outs, mm_det=mm_det, jd_outs=jd_outs, jd_det=jd_det,
-              reg_to_mmdet=reg_to_mmdet, variables=variables, state_dict=model.state_dict())
+              reg_to_mmdet=reg_to_mmdet, variables=variables, state_dict=model.state_dict(),
+              model=model, converted=out_dir, jd_config=os.path.join(ROOT, jd_config))
 
 
 def test_converted_checkpoint_covers_the_model(compared):
@@ -225,6 +229,84 @@ def test_detections_match_mmdet(compared):
   MAX_DIFFS[f'{name} detections ({len(mm_scores)}): box px'] = box_diff
   MAX_DIFFS[f'{name} detections: score'] = score_diff
   assert box_diff < BOX_ATOL and score_diff < SCORE_ATOL, (box_diff, score_diff)
+
+
+# ------------------------------------------------------------------- any image size (issue 15)
+
+# Image sizes (h, w) whose padded test size is not one of the buckets (800, 1344) / (1344, 800):
+# resized to fit (1333, 800) and padded to 32 they become (800, 1216), (640, 1344) and
+# (1152, 800). The last two are enlarged (OpenCV's bilinear on both sides: resize_backend='cv2').
+ANY_SIZES = ((800, 1216), (480, 1000), (1000, 700))
+
+
+@pytest.fixture(scope='module')
+def any_size_images(tmp_path_factory):
+  """PNG files of ANY_SIZES: smooth random colour fields plus noise (uint8 RGB)."""
+  folder = tmp_path_factory.mktemp('any-size')
+  rng = np.random.default_rng(5)
+  paths = []
+  for k, (h, w) in enumerate(ANY_SIZES):
+    coarse = rng.uniform(0, 255, (h // 50 + 2, w // 50 + 2, 3))
+    field = np.kron(coarse, np.ones((50, 50, 1)))[:h, :w]
+    pixels = np.clip(field + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    paths.append(str(folder / f'image{k}_{h}x{w}.png'))
+    Image.fromarray(pixels).save(paths[-1])
+  return paths
+
+
+def _match(name, how, got_boxes, got_scores, got_labels, mm_det):
+  """mmdetection's detections of one image all found in jaxdet's, in the same order."""
+  mm_boxes, mm_scores = mm_det.bboxes.numpy(), mm_det.scores.numpy()
+  mm_labels = mm_det.labels.numpy()
+  assert len(mm_scores) >= 20, f'{name}: too few detections to compare ({len(mm_scores)})'
+  assert len(got_scores) == len(mm_scores), (name, how, len(got_scores), len(mm_scores))
+  np.testing.assert_array_equal(got_labels, mm_labels)
+  box_diff = float(np.abs(np.asarray(got_boxes) - mm_boxes).max())
+  score_diff = float(np.abs(np.asarray(got_scores) - mm_scores).max())
+  key = f'{name} any-size detections ({how}): box px'
+  MAX_DIFFS[key] = max(MAX_DIFFS.get(key, 0.0), box_diff)
+  assert box_diff < BOX_ATOL and score_diff < SCORE_ATOL, (name, how, box_diff, score_diff)
+
+
+def test_detections_match_mmdet_on_images_of_any_size(compared, any_size_images, tmp_path,
+                                                       capsys):
+  """mmdetection's own inference (its test pipeline: Resize (1333, 800) keep-ratio, then
+  DetDataPreprocessor padding each image to a multiple of 32) on images whose padded size is no
+  bucket == the converted checkpoint through the Detector API and `python -m jaxdet.infer`
+  (default data.test_padding='exact'): every detection, boxes within BOX_ATOL px."""
+  from mmdet.apis import inference_detector  # pylint: disable=import-outside-toplevel
+  from jaxdet import infer  # pylint: disable=import-outside-toplevel
+  from jaxdet.inference import Detector  # pylint: disable=import-outside-toplevel
+  name, model = compared['name'], compared['model']
+  with torch.no_grad():
+    mm_results = [inference_detector(model, path) for path in any_size_images]
+  assert ([tuple(r.metainfo['batch_input_shape']) for r in mm_results]
+          == [(800, 1216), (640, 1344), (1152, 800)])
+  mm_dets = [r.pred_instances for r in mm_results]
+
+  overrides = ['--config.data.pipeline.resize_backend=cv2']
+  detector = Detector.from_checkpoint(compared['jd_config'], compared['converted'],
+                                      score_thr=0.0, overrides=overrides)
+  for r, mm_det in zip(detector(any_size_images), mm_dets):
+    _match(name, 'Detector', r.boxes, r.scores, r.labels, mm_det)
+
+  out_json = tmp_path / 'dets.json'
+  argv = ['--config', compared['jd_config'], *overrides, '--checkpoint', compared['converted'],
+          '--out-json', str(out_json), '--score-thr', '0', *any_size_images]
+  try:
+    code = config_cli.main_error_exit(infer.main, argv)
+  except SystemExit as e:
+    code = e.code
+  assert code in (0, None), capsys.readouterr().err
+  with open(out_json) as f:
+    dets = json.load(f)
+  label_of = {c: k for k, c in enumerate(detector.cat_ids)}
+  for k, mm_det in enumerate(mm_dets):
+    mine = [d for d in dets if d['file_name'] == any_size_images[k]]
+    xywh = np.array([d['bbox'] for d in mine], np.float64).reshape(-1, 4)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    _match(name, 'CLI', boxes, [d['score'] for d in mine],
+           [label_of[d['category_id']] for d in mine], mm_det)
 
 
 # ------------------------------------------------------------------------------------ backbones
