@@ -10,7 +10,7 @@ Saves are asynchronous (orbax `enable_async_checkpointing`): `save` copies the s
 memory and returns; a background thread writes it. The next `save`, `wait`, `close`, `restore`
 and the step listings wait for a save in flight first, so at most one is ever pending.
 
-Saves are atomic: orbax writes `<step>.orbax-checkpoint-tmp-<time>/`, then writes
+Saves are atomic: orbax writes `<step>.orbax-checkpoint-tmp[-<time>]/`, then writes
 `commit_success.txt` into it and renames it to `<step>/`. A save killed half way (SIGKILL, OOM,
 lost node) leaves only a tmp folder, which is never listed as a step; the next `Checkpointer`
 on that directory logs it and deletes it. `latest_step` additionally ignores step folders without
