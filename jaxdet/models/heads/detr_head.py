@@ -102,8 +102,9 @@ class DETRHead(nn.Module):
     pos = sine_positional_encoding(mask, num_feats=d // 2, temperature=self.pos_temperature,
                                    normalize=True, scale=2 * math.pi, eps=1e-6, offset=0.)
     dt = self.dtype or jnp.float32
-    x, pos, mask = feat.reshape(b, h * w, d), pos.reshape(b, h * w, d).astype(dt), \
-        mask.reshape(b, h * w)
+    x = feat.reshape(b, h * w, d)                  # (B, N, D) tokens, row-major over (h, w)
+    pos = pos.reshape(b, h * w, d).astype(dt)
+    mask = mask.reshape(b, h * w)
     common = dict(embed_dims=d, num_heads=self.num_heads,
                   feedforward_channels=self.feedforward_channels, dropout=self.dropout,
                   dtype=self.dtype)

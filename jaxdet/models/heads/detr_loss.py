@@ -110,10 +110,8 @@ def detr_loss(outputs, batch, head_cfg, *, axis_name=None):
   matched = match(cost, gt_mask, head_cfg.get('match_method', 'auto'))  # (L, B, Q)
   pos = matched >= 0
   safe = jnp.maximum(matched, 0)
-  take = lambda x: jnp.take_along_axis(jnp.broadcast_to(x[None], (num_layers,) + x.shape),
-                                       safe[..., None] if x.ndim == 3 else safe, axis=2)
-  labels = jnp.where(pos, take(gt_labels), num_classes)
-  target_px = take(gt_boxes)                                          # (L, B, Q, 4)
+  labels = jnp.where(pos, jnp.take_along_axis(gt_labels[None], safe, axis=2), num_classes)
+  target_px = jnp.take_along_axis(gt_boxes[None], safe[..., None], axis=2)  # (L, B, Q, 4)
   target = box_xyxy_to_cxcywh(target_px / factor)
 
   class_weight = jnp.ones((num_logits,), jnp.float32).at[num_classes].set(
