@@ -34,6 +34,14 @@ MODELS = (
      '[Tian et al. 2019](https://arxiv.org/abs/1904.01355)', 36.6),
     ('configs/fcos_mstrain.py', 'FCOS R50-caffe-FPN GN-head ms-640-800 2x',
      '[Tian et al. 2019](https://arxiv.org/abs/1904.01355)', 38.5),
+    ('configs/nas_fcos.py', 'NAS-FCOS R50-caffe NAS-FPN NAS-head 1x',
+     '[Wang et al. 2020](https://arxiv.org/abs/1906.04423)', 39.4),
+    ('configs/ssd300.py', 'SSD300 VGG16 120e',
+     '[Liu et al. 2016](https://arxiv.org/abs/1512.02325)', 25.5),
+    ('configs/ssd512.py', 'SSD512 VGG16 120e',
+     '[Liu et al. 2016](https://arxiv.org/abs/1512.02325)', 29.5),
+    ('configs/detr.py', 'DETR R50 150e',
+     '[Carion et al. 2020](https://arxiv.org/abs/2005.12872)', 39.9),
 )
 
 
