@@ -49,11 +49,15 @@ def small(model, width=8):
   """The smoke model, in place: the same SSD at 160 px. VGG16 at 1/8 width with BatchNorm after
   every conv, also in the neck (`with_bn`, mmdetection's SSDNeck `norm_cfg=BN`: without pretrained
   weights the plain VGG starts with logits in the hundreds, loss 150, gradient norm 2,000, and BN
-  in the VGG stages alone still diverged at lr 0.01), five levels of 20, 10, 5, 3 and 1 cells (the 160
+  in the VGG stages alone still diverged at lr 0.01), the L2Norm scale reduced with the width,
+  five levels of 20, 10, 5, 3 and 1 cells (the 160
   px input has no room for SSD300's sixth), anchors of 8 to 150 px for the shapes' 8-96 px
   objects (SSD300's sizes would start at 21 px)."""
   w = width
   model.backbone.update(base_width=w, with_bn=True, pretrained='')
+  # L2Norm scaled with the width, so that each conv4_3 channel keeps SSD300's size
+  # (20 / sqrt(512) per channel): 20 on 64 channels started at loss 43 and diverged.
+  model.neck.l2_norm_scale = round(20. * (8 * w / 512) ** 0.5, 4)
   model.neck.update(in_channels=(8 * w, 16 * w), out_channels=(8 * w, 16 * w, 8 * w, 4 * w, 4 * w),
                     level_strides=(2, 2, 1), level_paddings=(1, 1, 0), norm='bn')
   model.head.update(strides=(8, 16, 32, 53, 160), ratios=((2,), (2, 3), (2, 3), (2,), (2,)),
