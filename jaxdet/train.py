@@ -168,6 +168,7 @@ def train_and_evaluate(config, work_dir):
   """The whole run; returns the last evaluation's metrics."""
   os.makedirs(work_dir, exist_ok=True)
   jd_logging.setup_logging(work_dir)
+  evaluation.enable_compilation_cache()  # val / predict programs (one per test shape) kept
   config_cli.save_config(config, os.path.join(work_dir, 'config.json'))
   num_devices = jax.local_device_count()
   resuming = bool(ckpt.complete_steps(os.path.join(work_dir, 'checkpoints')))
