@@ -86,7 +86,9 @@ def load_from(host_state, tx, path):
   try:
     loaded, directory, step = ckpt.load_variables(path)
   except ValueError as e:
-    raise ValueError(f'config.load_from: {e}') from None
+    hint = ('; configs/detr.py:smoke starts from the ATSS smoke run: run python -m jaxdet.train '
+            '--config configs/atss.py:smoke first' if 'atss_smoke' in str(path) else '')
+    raise ValueError(f'config.load_from: {e}{hint}') from None
   init = dict(params=host_state['params'], batch_stats=host_state['batch_stats'])
   merged, diff = ckpt.merge_variables(init, loaded)
   total = len(jax.tree_util.tree_leaves(init))
