@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -392,4 +393,5 @@ def test_load_from_in_the_train_loop_then_resume_wins(trained, tmp_path):
     steps = [json.loads(line)['step'] for line in f if '"train"' in line]
   assert steps == [1]   # from step 0, not the checkpoint's step
   log_text = train(2)   # the work_dir has a checkpoint now: resume, load_from ignored
-  assert 'resumed from step 1 (config.load_from is ignored when resuming)' in log_text
+  assert re.search(r'resumed from step 1 \(epoch \d+, iteration \d+ of it\) '
+                   r'\(config.load_from is ignored when resuming\)', log_text)
