@@ -12,14 +12,15 @@ Methods:
   of the batch advanced together in one ``while_loop`` inside the compiled program; float32.
 * ``'host'``: scipy's ``linear_sum_assignment`` (float64) through one ``jax.pure_callback`` for the
   whole batch (vmap folds into the same call): the device waits for the host.
-* ``'auto'``: ``'device'``, on every platform: as fast as 'host' on this CPU for DETR's batch and
-  faster for small batches, and without a host round trip per step on an accelerator. Measured with ``experiments/bench_matcher.py`` on
-  DETR's workload (costs by ``detr_match_cost``, 100 queries x 100 padded gts of which 1-50 real),
-  on the 2-core CPU shared with other jobs (load 16-19), medians of 5 runs, ratio to scipy in a
-  Python loop: 6 layers x 16 images: 'device' 1.63x, 'host' 1.58x (scipy loop 21-27 ms);
-  2 layers x 2 images: 'device' 1.76x, 'host' 2.94x (loop 0.5-0.8 ms; the callback's hand-off and
-  copy of the cost dominate). optax's solver: 17-20x. The device solver's compile is ~10 s at
-  that load (the callback's 0.2 s). Not measured on a GPU yet.
+* ``'auto'``: ``'device'``, on every platform: faster than 'host' on this CPU for DETR's batch and
+  for small batches, and without a host round trip per step on an accelerator. Measured with
+  ``experiments/bench_matcher.py`` on DETR's workload (costs by ``detr_match_cost``, 100 queries x
+  100 padded gts of which 1-50 real), 2-core CPU, idle (2026-12-02, 3 runs of 30 rounds), median
+  ms per call and ratio to scipy in a Python loop: 6 layers x 16 images: 'device' 5.4-5.8 ms
+  (0.72-0.78x), 'host' 11.0-11.6 ms (1.46-1.54x), scipy loop 7.1-7.9 ms; 2 layers x 2 images:
+  'device' 0.71-0.86 ms (0.98-1.10x), 'host' 1.7-2.2 ms (2.5x; the callback's hand-off and copy
+  of the cost dominate). optax's solver: 3.3-10x. The device solver compiles in ~1.5 s (the
+  callback's 0.05 s). Not measured on a GPU yet.
 """
 import jax
 import jax.numpy as jnp
