@@ -158,3 +158,27 @@ def test_grouped_deform_conv_equals_separate_layers():
   for i, x in enumerate(xs):
     ref = single.apply({'params': params[f'd{i}']}, x)
     np.testing.assert_allclose(ours[i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pairwise_conv_equals_grouped_conv():
+  """The cells' out conv (1x1, groups = features, on 2 x features channels) as an elementwise
+  product-sum: same init, outputs and gradients as flax's grouped nn.Conv."""
+  features = 6
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 2 * features))
+  grouped = nn.Conv(features, (1, 1), feature_group_count=features, use_bias=False,
+                    kernel_init=nasfcos_fpn.kaiming_fan_out)
+  pairwise = nasfcos_fpn.PairwiseConv1x1(features)
+  key = jax.random.PRNGKey(1)
+  vg, vp = grouped.init(key, x), pairwise.init(key, x)
+  np.testing.assert_array_equal(vg['params']['kernel'], vp['params']['kernel'])
+  # a different kernel than the init, so that channel order errors show
+  kernel = jax.random.normal(jax.random.PRNGKey(2), vg['params']['kernel'].shape)
+  v = {'params': {'kernel': kernel}}
+  np.testing.assert_allclose(pairwise.apply(v, x), grouped.apply(v, x), rtol=1e-6, atol=1e-6)
+  loss = lambda mod: lambda p, x: jnp.sum(jnp.sin(mod.apply({'params': p}, x)))
+  gp = jax.grad(loss(pairwise), argnums=(0, 1))(v['params'], x)
+  gg = jax.grad(loss(grouped), argnums=(0, 1))(v['params'], x)
+  for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gg)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='expected 12 input channels'):
+    pairwise.apply(v, x[..., :8])

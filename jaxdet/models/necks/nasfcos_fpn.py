@@ -220,8 +220,28 @@ class _OutConv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = nn.relu(BatchNorm(dtype=self.dtype, name='bn')(x, train))
-    return nn.Conv(self.features, (1, 1), feature_group_count=self.features, use_bias=False,
-                   kernel_init=kaiming_fan_out, dtype=self.dtype, name='conv')(x)
+    return PairwiseConv1x1(self.features, dtype=self.dtype, name='conv')(x)
+
+
+class PairwiseConv1x1(nn.Module):
+  """``nn.Conv(features, (1, 1), feature_group_count=features, use_bias=False)`` on 2 x features
+  input channels, computed as what it is: output channel g = x[2g] * w[0, g] + x[2g + 1] * w[1, g].
+  Same parameter (``kernel``, (1, 1, 2, features), kaiming fan-out init) and the same numbers as the
+  grouped conv (tests/test_nasfcos.py), but XLA:CPU lowers that conv's kernel gradient to a generic
+  base-dilated convolution that took ~95 ms of a smoke step per cell (experiments/README.md)."""
+  features: int
+  dtype: Optional[Any] = None
+
+  @nn.compact
+  def __call__(self, x):
+    if x.shape[-1] != 2 * self.features:
+      raise ValueError(f'PairwiseConv1x1: expected {2 * self.features} input channels, '
+                       f'got {x.shape[-1]}')
+    kernel = self.param('kernel', kaiming_fan_out, (1, 1, 2, self.features))
+    if self.dtype is not None:
+      x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    pairs = x.reshape(*x.shape[:-1], self.features, 2)        # (..., g, j): input channel 2g + j
+    return (pairs * kernel[0, 0].T).sum(-1)
 
 
 class NASFCOS_FPN(nn.Module):  # pylint: disable=invalid-name  (mmdetection's name)
