@@ -7,8 +7,10 @@ Compiles the training step exactly as ``experiments/bench_train.py`` does (rando
 images, 10 boxes), runs ``--steps`` steps under ``jax.profiler.trace``, reads the trace back with
 ``jax.profiler.ProfileData`` and prints the XLA:CPU thunks (one per fused kernel, convolution,
 dot, custom call) grouped by kind: total ms per step, share of the step, count per step; then the
-``--top`` single ops. Wall ms per step is printed too (the thunks of both cores overlap, so their
-sum may exceed it).
+``--top`` single ops; then the same time by module path (the HLO ``op_name`` of each thunk: e.g.
+``fwd backbone/layer1_0``, ``bwd head/...``, DCN calls as ``DCN neck``). Wall ms per step is
+printed too (the thunks of both cores overlap, so their sum may exceed it; the trace itself
+slows the step).
 """
 import argparse
 import collections
@@ -28,6 +30,15 @@ import jax  # noqa: E402
 from bench_train import random_batch  # noqa: E402
 from jaxdet.engine import config_cli, steps, train_state  # noqa: E402
 from jaxdet.models.detectors import build_detector, compute_dtype  # noqa: E402
+
+
+def module_of(op_name, depth=2):
+  """'jit(_fun)/transpose(jvp(SingleStageDetector))/head/cls_convs_1/conv' -> 'bwd head/cls_convs_1'."""
+  direction = 'bwd' if 'transpose(' in op_name else 'fwd'
+  parts = [p for p in op_name.split('/') if not p.startswith(('jit(_fun', 'jvp(', 'transpose('))]
+  if 'deform_conv' in op_name:
+    return f'{direction} DCN {parts[0] if parts else ""}'
+  return f'{direction} ' + '/'.join(parts[:depth])
 
 
 def compile_step(spec, size, batch):
@@ -63,6 +74,8 @@ def main():
   p.add_argument('--top', type=int, default=25)
   args = p.parse_args()
   step, state, batch = compile_step(args.config, args.size, args.batch)
+  hlo = step.lower(state, batch).compile().as_text()
+  op_names = dict(re.findall(r'%(\S+) = [^\n]*?op_name="([^"]*)"', hlo))
   for _ in range(2):
     state, m = step(state, batch)
   jax.block_until_ready(m)
@@ -78,6 +91,7 @@ def main():
   data = jax.profiler.ProfileData.from_file(path)
   per_op = collections.Counter()
   count = collections.Counter()
+  per_module = collections.Counter()
   for plane in data.planes:
     for line in plane.lines:
       for ev in line.events:
@@ -85,6 +99,8 @@ def main():
           continue
         per_op[ev.name] += ev.duration_ns / 1e6 / args.steps
         count[ev.name] += 1
+        module = module_of(op_names[ev.name]) if ev.name in op_names else '(no op_name)'
+        per_module[module] += ev.duration_ns / 1e6 / args.steps
   by_kind = collections.Counter()
   kind_count = collections.Counter()
   for name, ms in per_op.items():
@@ -98,6 +114,9 @@ def main():
   print('top ops:')
   for name, ms in per_op.most_common(args.top):
     print(f'  {name:40s} {ms:8.2f} ms')
+  print('by module:')
+  for name, ms in per_module.most_common(args.top):
+    print(f'  {name:50s} {ms:8.1f} ms {100 * ms / total:5.1f}%')
 
 
 if __name__ == '__main__':

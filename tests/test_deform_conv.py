@@ -154,16 +154,21 @@ def _make_output_and_grads(conf, no_mask):
   return jax.jit(run)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=[(name, all_points) for name in CASES
+                                        for all_points in (False, True)],
+                ids=lambda p: f"{p[0]}-{'all_points' if p[1] else 'scan'}")
 def case(request):
-  """Inputs, config, jax output and gradients, reference output and gradients of one case."""
-  (x, offset, mask, kernel, grad_out), conf = _make_case(request.param)
+  """Inputs, config, jax output and gradients, reference output and gradients of one case, for
+  both implementations (one kernel point at a time, all at once)."""
+  name, all_points = request.param
+  (x, offset, mask, kernel, grad_out), conf = _make_case(name)
+  conf["all_points"] = all_points
 
   out, grads = _output_and_grads(conf, mask is None)(x, offset, mask, kernel, grad_out)
   ref_out, ref_grads = reference(x, offset, mask, kernel, grad_out, conf["stride"],
                                  conf["padding"], conf["dilation"], conf["deform_groups"],
                                  conf["groups"])
-  return dict(name=request.param, inputs=(x, offset, mask, kernel, grad_out), conf=conf,
+  return dict(name=name, inputs=(x, offset, mask, kernel, grad_out), conf=conf,
               out=out, grads=grads, ref_out=ref_out, ref_grads=ref_grads)
 
 

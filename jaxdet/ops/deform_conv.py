@@ -39,6 +39,12 @@ gradient accumulators at most about two ``(B, Ho, Wo, Cin)`` blocks are alive; t
 are never kept.  At NAS-FCOS head sizes (B 2, 100x152, 256 -> 256, 3x3; one block is 30 MiB)
 XLA's CPU compiler reports 68 MiB of scratch for the forward and 75 MiB for forward + backward
 (experiments/bench_deform_conv.py), against 267 MiB for the im2col matrix.
+
+Small calls (``all_points``): when ``9 * kh*kw * B*Ho*Wo*Cin`` elements fit in ``ALL_POINTS_BYTES``
+(64 MiB), the same per-point functions run vmapped over all kernel points at once (one gather,
+one matrix product, one scatter-add per pass) instead of the scan, whose per-iteration overhead
+dominated at the 160 px smoke sizes. The residuals are still the inputs only: the larger
+transient lives within one pass and nothing im2col-sized is kept for the backward pass.
 """
 import functools
 from typing import NamedTuple
@@ -46,6 +52,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+# Below this many bytes of transient buffers a call processes all kernel points at once (the
+# 160 px smoke sizes: ~33 MiB at 8 x 20 x 20 x 32); above, one point at a time.
+ALL_POINTS_BYTES = 64 * 2**20
 
 
 class _Config(NamedTuple):
@@ -56,6 +67,7 @@ class _Config(NamedTuple):
   groups: int
   deform_groups: int
   precision: object
+  all_points: bool = False
 
 
 def _pair(value, name):
@@ -73,7 +85,7 @@ def output_size(size, kernel_size, stride, padding, dilation):
 
 
 def deform_conv2d(x, offset, mask, kernel, *, stride=1, padding=1, dilation=1, deform_groups=1,
-                  groups=1, precision=None):
+                  groups=1, precision=None, all_points=None):
   """Modulated deformable convolution (DCNv2; DCNv1 when ``mask`` is None), no bias.
 
   Args:
@@ -89,6 +101,11 @@ def deform_conv2d(x, offset, mask, kernel, *, stride=1, padding=1, dilation=1, d
     groups: ordinary grouped convolution (``Cin`` and ``Cout`` divisible by it).
     precision: passed to the matrix products (``jax.lax.Precision``), e.g. ``'highest'``
       to avoid TF32 / bf16 passes on accelerators.
+    all_points: True: all ``kh * kw`` kernel points at once (one gather, one matrix product,
+      one scatter; transient memory ~``9 * kh*kw * B*Ho*Wo*Cin`` elements, nothing of it kept
+      for the backward pass); False: one point at a time (``lax.scan``, the bound in the module
+      docstring); None (default): all at once when that transient is at most
+      ``ALL_POINTS_BYTES`` (64 MiB), else one at a time. Same sums up to float rounding order.
 
   Returns:
     ``(B, Ho, Wo, Cout)``, ``Ho = (H + 2*pad_h - dilation_h*(kh-1) - 1) // stride_h + 1``.
@@ -133,7 +150,10 @@ def deform_conv2d(x, offset, mask, kernel, *, stride=1, padding=1, dilation=1, d
   for name, arr in (("x", x), ("offset", offset), ("mask", mask), ("kernel", kernel)):
     if not jnp.issubdtype(arr.dtype, jnp.floating):
       raise ValueError(f"{name} must be floating point, got {arr.dtype}")
-  config = _Config(stride, padding, dilation, groups, deform_groups, precision)
+  if all_points is None:
+    itemsize = jnp.result_type(x.dtype, kernel.dtype).itemsize
+    all_points = 9 * k * b * ho * wo * cin * max(itemsize, 4) <= ALL_POINTS_BYTES
+  config = _Config(stride, padding, dilation, groups, deform_groups, precision, bool(all_points))
   return _deform_conv_jit(config, x, offset, mask, kernel)
 
 
@@ -216,6 +236,8 @@ def _grouped_dot(spec, a, b, precision):
 
 
 def _forward(config, x, offset, mask, kernel):
+  if config.all_points:
+    return _forward_all_points(config, x, offset, mask, kernel)
   b, h, w, cin = x.shape
   _, ho, wo, _ = offset.shape
   g = config.groups
@@ -243,6 +265,8 @@ def _deform_conv_fwd(config, x, offset, mask, kernel):
 
 
 def _deform_conv_bwd(config, residuals, grad_out):
+  if config.all_points:
+    return _backward_all_points(config, residuals, grad_out)
   x, offset, mask, kernel = residuals
   b, h, w, cin = x.shape
   _, ho, wo, _ = offset.shape
@@ -301,6 +325,63 @@ def _deform_conv_bwd(config, residuals, grad_out):
   # (K, G, Cin/G, Cout/G) -> (kh, kw, Cin/G, Cout).
   grad_kernel = grad_kern.transpose(0, 2, 1, 3).reshape(kernel.shape).astype(kernel.dtype)
   return grad_x, grad_offset, grad_mask, grad_kernel
+
+
+# All kernel points at once: the per-point functions above, vmapped over the point axis.
+# At small sizes the per-point loop is mostly loop overhead on CPU (a NAS-FCOS smoke step at
+# 160 px spent ~60% of its time in the DCNs' scans, experiments/README.md).
+
+
+def _samples_all_points(config, x, offset, mask, kernel):
+  """Points, corners (each with a leading K axis) and the column blocks (K, B*Ho*Wo, G, Cin/G)."""
+  b, _, _, cin = x.shape
+  _, ho, wo, _ = offset.shape
+  points = _points(config, offset, mask, kernel)
+  corners = jax.vmap(lambda p: _corners(config, x.shape, (ho, wo), p))(points)
+  xrows = x.reshape(-1, cin // config.deform_groups)
+  cols = jax.vmap(lambda r, w, m: _columns(xrows, r, w, m))(corners[0], corners[2], points[3])
+  return points, corners, cols.reshape(-1, b * ho * wo, config.groups, cin // config.groups)
+
+
+def _forward_all_points(config, x, offset, mask, kernel):
+  b, _, _, _ = x.shape
+  _, ho, wo, _ = offset.shape
+  points, _, cols = _samples_all_points(config, x, offset, mask, kernel)
+  out = jnp.einsum("kngc,kgco->ngo", cols, points[4], precision=config.precision)
+  return out.reshape(b, ho, wo, kernel.shape[-1]).astype(jnp.result_type(x.dtype, kernel.dtype))
+
+
+def _backward_all_points(config, residuals, grad_out):
+  x, offset, mask, kernel = residuals
+  b, h, w, cin = x.shape
+  _, ho, wo, _ = offset.shape
+  dg, g, cout = config.deform_groups, config.groups, kernel.shape[-1]
+  cg = cin // dg
+  xrows = x.reshape(-1, cg)
+  points, (rows, valid, weights, (ly, lx)), cols = _samples_all_points(
+      config, x, offset, mask, kernel)
+  k = rows.shape[0]
+  grad_out = grad_out.astype(jnp.result_type(x.dtype, kernel.dtype))
+  grad_out = grad_out.reshape(b * ho * wo, g, cout // g)
+  grad_kern = jnp.einsum("kngc,ngo->kgco", cols, grad_out, precision=config.precision)
+  grad_cols = jnp.einsum("ngo,kgco->kngc", grad_out, points[4], precision=config.precision)
+  grad_cols = grad_cols.reshape(k, 1, b, ho, wo, dg, cg).astype(x.dtype)   # (K, corner, ...)
+  msk = points[3].astype(jnp.float32)                                       # (K, B, Ho, Wo, dg)
+  a = jnp.sum(grad_cols * _gather(xrows, rows), axis=-1, dtype=jnp.float32)  # (K, 4, ...)
+  a = jnp.where(valid, a, 0.0)
+  wts = (weights * msk[:, None]).astype(x.dtype)
+  update = wts[..., None] * grad_cols
+  grad_xrows = jnp.zeros_like(xrows).at[rows.reshape(-1)].add(
+      update.reshape(-1, cg), mode="promise_in_bounds")
+  a0, a1, a2, a3 = (a[:, c] for c in range(4))
+  grad_dy = msk * ((1 - lx) * (a2 - a0) + lx * (a3 - a1))
+  grad_dx = msk * ((1 - ly) * (a1 - a0) + ly * (a3 - a2))
+  grad_off = jnp.stack([grad_dy, grad_dx], axis=-1)
+  grad_msk = jnp.sum(weights * a, axis=1)
+  grad_offset = jnp.moveaxis(grad_off, 0, 4).reshape(offset.shape).astype(offset.dtype)
+  grad_mask = jnp.moveaxis(grad_msk, 0, 4).reshape(mask.shape).astype(mask.dtype)
+  grad_kernel = grad_kern.transpose(0, 2, 1, 3).reshape(kernel.shape).astype(kernel.dtype)
+  return grad_xrows.reshape(x.shape), grad_offset, grad_mask, grad_kernel
 
 
 _deform_conv.defvjp(_deform_conv_fwd, _deform_conv_bwd)
