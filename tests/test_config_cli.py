@@ -315,20 +315,39 @@ def _finish(process):
   return process.returncode, out, err
 
 
-def test_every_entry_point_answers_help():
-  """`-h` / `--help` exit 0 with a usage naming the required flags; `--config X --help` also
-  prints the resolved config (after overrides) instead of running; an unknown key there is the
-  training's one-line error. (8 subprocesses in parallel, each imports jax: ~5 s on an idle
-  2-core machine; -h / --help / --print-config parsing is unit-tested above.)"""
-  smoke = ['--config', 'configs/atss.py:smoke', '--config.optimizer.base_lr=0.5']
-  runs = {(name, ('-h', '--help')[i % 2]): _start(name, ('-h', '--help')[i % 2])
-          for i, name in enumerate(COMMANDS)}
-  runs['train_config'] = _start('jaxdet.train', *smoke, '--help')
-  runs['evaluate_bad_key'] = _start('jaxdet.evaluate', *smoke, '--config.optimizer.base_lrr=1',
-                                    '--print-config')
-  results = {key: _finish(p) for key, p in runs.items()}
+def _run_module(capsys, monkeypatch, name, *argv):
+  """`python -m name argv` in this process: runpy runs the module as `__main__`, as `python -m`
+  does (its `if __name__ == '__main__'` block included); the exit code, stdout and stderr."""
+  import runpy
+  import warnings
+  monkeypatch.setattr(sys, 'argv', [name, *argv])
+  monkeypatch.delenv('JAXDET_TRACEBACK', raising=False)
+  capsys.readouterr()
+  code = 0
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # "found in sys.modules": already imported
+    try:
+      runpy.run_module(name, run_name='__main__', alter_sys=True)
+    except SystemExit as e:
+      code = 0 if e.code is None else e.code
+  out, err = capsys.readouterr()
+  return code, out, err
 
-  for (name, flag), (code, out, err) in ((k, v) for k, v in results.items() if len(k) == 2):
+
+def test_every_entry_point_answers_help(capsys, monkeypatch):
+  """`-h` / `--help` exit 0 with a usage naming the required flags (each entry point run as
+  `python -m` does, in this process); `--config X --help` also prints the resolved config (after
+  overrides) instead of running; an unknown key there is the training's one-line error. The last
+  two are real `python -m` subprocesses (in parallel, each imports jax): what a user runs.
+  (-h / --help / --print-config parsing is unit-tested above.)"""
+  smoke = ['--config', 'configs/atss.py:smoke', '--config.optimizer.base_lr=0.5']
+  runs = {'train_config': _start('jaxdet.train', *smoke, '--help'),
+          'evaluate_bad_key': _start('jaxdet.evaluate', *smoke, '--config.optimizer.base_lrr=1',
+                                     '--print-config')}
+  monkeypatch.chdir(REPO)
+  for i, name in enumerate(COMMANDS):
+    flag = ('-h', '--help')[i % 2]
+    code, out, err = _run_module(capsys, monkeypatch, name, flag)
     assert code == 0, (name, flag, err)
     usage = out[:out.index('\n\n')]  # the usage line(s)
     assert usage.startswith(f'usage: python -m {name}'), (name, out)
@@ -337,6 +356,11 @@ def test_every_entry_point_answers_help():
     assert '--help' in out
     if name != 'jaxdet.data.shapes':
       assert '--config.KEY=VALUE' in out and 'more:' in out, (name, out)
+  # in-process too: the same one-line error as the subprocess below
+  code, out, err = _run_module(capsys, monkeypatch, 'jaxdet.info', *smoke,
+                               '--config.optimizer.base_lrr=1')
+  assert (code, out) == (2, '') and err.startswith("error: unknown config key 'optimizer.base_lrr'")
+  results = {key: _finish(p) for key, p in runs.items()}
 
   code, out, err = results['train_config']  # the issue's case: it used to start training
   assert code == 0, err
