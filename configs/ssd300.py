@@ -16,8 +16,8 @@ An mmdetection SSD300 checkpoint converts to a jaxdet one:
   python -m jaxdet.convert --config configs/ssd300.py --from-mmdet ssd300_coco.pth \
       --out work_dirs/ssd300_mmdet
 Epochs: mmdetection counts 24 epochs of the 5x repeated dataset (issue #2096: "why only 24
-epochs?"). Here `data.repeat = 5` does the same when the loader has that key; otherwise the
-config runs the equivalent 120 epochs with the LR steps at 80 and 110 (`REPEAT` below).
+epochs?"). Here `data.repeat = 5` does the same: each logged epoch is 5 shuffled passes over the
+training set (the loader's first log line says so), the LR steps at epochs 16 and 22.
 Smoke (the same detector, narrow, on the built-in shapes dataset, see `_smoke`):
   python -m jaxdet.train --config configs/ssd300.py:smoke
 """
@@ -60,13 +60,7 @@ def base_config(input_size):
   config.optimizer.base_batch = 64   # mmdetection's auto_scale_lr base_batch_size (8 x 8)
   config.schedule = schedule_1x.get_config(epochs=EPOCHS, milestones=MILESTONES)
   config.schedule.update(warmup='linear', warmup_iters=500, warmup_ratio=0.001)
-  if 'repeat' in config.data:
-    config.data.repeat = REPEAT
-  else:  # the loader has no RepeatDataset yet: the same 120 passes, LR steps at 80 and 110
-    config.schedule.update(epochs=EPOCHS * REPEAT,
-                           milestones=tuple(m * REPEAT for m in MILESTONES))
-    config.eval_interval = REPEAT
-    config.checkpoint_interval = REPEAT
+  config.data.repeat = REPEAT   # each logged epoch = 5 passes over the training set
   return config
 
 
@@ -87,7 +81,6 @@ def _smoke(config):
   config.optimizer.grad_clip = 10.
   config.data.pipeline.update(kind='standard', keep_ratio=False, photometric_uint8=True,
                               min_box_size=1.)
-  if 'repeat' in config.data:
-    config.data.repeat = 1
+  config.data.repeat = 1
   config.checkpoint_interval = 1
   return config

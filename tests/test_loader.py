@@ -130,6 +130,25 @@ def test_epoch_covers_every_usable_image(loader):
     assert set(ids.tolist()) == usable and len(ids) == 16
 
 
+def test_repeat_is_mmdetections_repeat_dataset(loader):
+  """data.repeat = 3: one epoch lists every usable image 3 times (9 landscape -> 27 = 7 batches of
+  4, 2 portrait -> 6 = 2 batches), shuffled as one; repeat 1 is the plain epoch; 0 is refused."""
+  src = ListSource()
+  usable = [r["image_id"] for r in src.records if len(_targets(r)[0])]
+  tripled = _train(repeat=3)
+  assert tripled.batches_per_epoch == 9
+  ids = np.concatenate([tripled.batch(j)["image_id"].ravel() for j in range(9)])
+  counts = {i: int(np.sum(ids == i)) for i in usable}
+  assert all(c >= 3 for c in counts.values()) and set(ids.tolist()) == set(usable)
+  # within the first 3 batches some image comes twice (one shuffle over the 3 copies)
+  first = np.concatenate([tripled.batch(j)["image_id"].ravel() for j in range(3)])
+  assert len(set(first.tolist())) < len(first)
+  once = _train(repeat=1)
+  assert all(_equal(once.batch(j), loader.batch(j)) for j in (0, 3, 5))
+  with pytest.raises(ValueError, match="data.repeat must be a positive integer, got 0"):
+    _train(repeat=0)
+
+
 def test_shuffle_reproducible_across_restarts_and_seeds(loader):
   again = _train()
   other = _train(seed=1)

@@ -23,6 +23,7 @@ def get_config():
   data.tfds = dict(name='coco/2017', data_dir='', train_split='train', val_split='validation')
   data.shapes = dict(num_train=2000, num_val=200, size=192, seed=0, cache_dir='')
 
+  data.repeat = 1                      # passes over the data per epoch (mmdetection's RepeatDataset)
   data.samples_per_gpu = 2
   data.workers_per_gpu = 2
   data.prefetch = 2                    # batches buffered per worker

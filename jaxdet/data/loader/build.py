@@ -46,7 +46,13 @@ def build_train_loader(data, source, *, seed=0, num_devices=None, num_epochs=Non
       prefetch=data.get("prefetch", 2), size_divisor=p.get("size_divisor", 32),
       min_box_size=p.get("min_box_size", 1.0), num_epochs=num_epochs,
       process_index=process_index, process_count=process_count,
-      image_dtype=_image_dtype(p), info=info)
+      image_dtype=_image_dtype(p), info=info, repeat=_repeat(data))
+
+
+def _repeat(data):
+  repeat = data.get("repeat", 1)
+  check_positive(**{"data.repeat": repeat})
+  return repeat
 
 
 TEST_PADDING = ('exact', 'buckets')

@@ -14,11 +14,14 @@ STATE_VERSION = 1
 
 
 class TrainSchedule:
-  """Epoch-seeded, bucket-grouped order of training batches (global, all processes)."""
+  """Epoch-seeded, bucket-grouped order of training batches (global, all processes).
 
-  def __init__(self, bucket_of, valid, global_batch, seed, num_buckets):
+  ``repeat`` R > 1 is mmdetection's ``RepeatDataset(times=R)``: one epoch is the dataset listed R
+  times and shuffled as one (so an image may come twice before another comes once)."""
+
+  def __init__(self, bucket_of, valid, global_batch, seed, num_buckets, repeat=1):
     self.bucket_of = np.asarray(bucket_of)
-    self.valid = np.flatnonzero(valid)
+    self.valid = np.tile(np.flatnonzero(valid), repeat)
     self.global_batch, self.seed, self.num_buckets = global_batch, seed, num_buckets
     counts = np.bincount(self.bucket_of[self.valid], minlength=num_buckets)
     self.bucket_counts = counts
@@ -81,6 +84,7 @@ class TrainLoader:
     prefetch: batches buffered per worker (or by the reader thread).
     size_divisor: for ``pad_shape``;  min_box_size: targets narrower/lower are dropped.
     drop_empty: skip images without targets (non-crowd boxes >= 1 px) when building epochs.
+    repeat: passes over the data per epoch (mmdetection's ``RepeatDataset``), >= 1.
     num_epochs: None for an endless stream.
     process_index, process_count: multi-host sharding of each global batch.
     image_dtype: uint8 (or float32 for mmdet's unclipped photometric distortion).
@@ -90,9 +94,9 @@ class TrainLoader:
   def __init__(self, source, transform, *, buckets, samples_per_gpu, num_devices, max_gt,
                seed=0, num_workers=0, prefetch=2, size_divisor=32, min_box_size=1.0,
                drop_empty=True, num_epochs=None, process_index=0, process_count=1,
-               image_dtype=np.uint8, info=None):
+               image_dtype=np.uint8, info=None, repeat=1):
     check_positive(samples_per_gpu=samples_per_gpu, num_devices=num_devices, max_gt=max_gt,
-                   process_count=process_count)
+                   process_count=process_count, repeat=repeat)
     if num_workers < 0:
       raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not buckets:
@@ -107,8 +111,9 @@ class TrainLoader:
     self.num_dropped_images = int(np.sum(~valid))
     self.per_process = num_devices * samples_per_gpu
     self.global_batch = self.per_process * process_count
+    self.repeat = repeat
     self.schedule = TrainSchedule(bucket_of, valid, self.global_batch, seed,
-                                  len(self.buckets))
+                                  len(self.buckets), repeat)
     self.maker = BatchMaker(source, transform, buckets=self.buckets, num_devices=num_devices,
                             per_device=samples_per_gpu, max_gt=max_gt,
                             size_divisor=size_divisor, min_box_size=min_box_size, seed=seed,
@@ -118,9 +123,10 @@ class TrainLoader:
     self.process_index = process_index
     bpe = self.batches_per_epoch
     self.length = bpe * num_epochs if num_epochs is not None else bpe * 10**9
-    log.info("training data: %d images (%d without targets skipped), %d batches/epoch, "
-             "compiles %d program(s): %s", int(valid.sum()), self.num_dropped_images, bpe,
-             self.num_programs, self.shapes)
+    log.info("training data: %d images (%d without targets skipped)%s, %d batches/epoch, "
+             "compiles %d program(s): %s", int(valid.sum()), self.num_dropped_images,
+             f", each epoch {repeat} passes over them (data.repeat, mmdetection's "
+             f"RepeatDataset)" if repeat > 1 else "", bpe, self.num_programs, self.shapes)
 
   @property
   def batches_per_epoch(self):
