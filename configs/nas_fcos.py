@@ -53,7 +53,7 @@ def smoke(config):
   8 images per step at lr 0.02, 6 epochs (1500 steps), x0.1 at epoch 5. The backbone's BN trains
   with batch statistics from scratch, so it keeps eps 1e-5 (eps 0 divides by zero on a dead
   channel).
-  Cost (/work/notes/EXPERIMENTS_H5.md, loaded machine): at 64 channels a step took ~4 CPU-s,
+  Cost (experiments/README.md, NAS-FCOS; loaded machine): at 64 channels a step took ~4 CPU-s,
   about 2.5x FCOS smoke's; at 32 channels ~1.5 CPU-s, about FCOS smoke's; the train step
   compiles in ~130 CPU-s (11 grouped DCN calls).
   """

@@ -5,6 +5,8 @@ torchvision's RetinaNet / FCOS R50-FPN in the same process.
   python experiments/bench_train.py --size 512 512 --batch 2                 # CPU, ATSS (issue 5)
   python experiments/bench_train.py --config configs/retinanet.py configs/fcos.py \
       --size 512 512 --batch 2 --torchvision RetinaNet FCOS                 # CPU (issue 6)
+  python experiments/bench_train.py --config configs/ssd300.py --size 300 300 --batch 8 \
+      --torchvision SSD300                                                  # CPU (issue 17)
   python experiments/bench_train.py --config configs/atss.py configs/retinanet.py configs/fcos.py \
       --size 800 1216 --batch 8 --dtype bfloat16 --torchvision RetinaNet FCOS   # GPU
 
@@ -93,18 +95,27 @@ def bench_torchvision(args, name):
   torch.backends.cudnn.benchmark = True
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
   h, w = args.size
-  make = retinanet_resnet50_fpn if name == 'RetinaNet' else fcos_resnet50_fpn
-  backbone = torchvision.models.resnet50(norm_layer=misc.FrozenBatchNorm2d)
-  model = make(weights=None, weights_backbone=None, num_classes=80, min_size=min(h, w),
-               max_size=max(h, w), trainable_backbone_layers=3)
-  model.backbone.body.load_state_dict(
-      {k: v for k, v in backbone.state_dict().items() if not k.startswith('fc.')}, strict=False)
+  if name == 'SSD300':   # VGG16 SSD, 81 classes with background, as mmdetection's SSD300
+    from torchvision.models.detection import ssd300_vgg16
+    model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=81,
+                         trainable_backbone_layers=5)   # resizes every image to 300 x 300
+    arch = 'VGG16'
+  else:
+    make = retinanet_resnet50_fpn if name == 'RetinaNet' else fcos_resnet50_fpn
+    backbone = torchvision.models.resnet50(norm_layer=misc.FrozenBatchNorm2d)
+    model = make(weights=None, weights_backbone=None, num_classes=80, min_size=min(h, w),
+                 max_size=max(h, w), trainable_backbone_layers=3)
+    model.backbone.body.load_state_dict(
+        {k: v for k, v in backbone.state_dict().items() if not k.startswith('fc.')},
+        strict=False)
+    arch = 'R50-FPN'
   model.to(dev).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
   b = random_batch(args.batch, h, w)
   images = [torch.rand(3, h, w, device=dev) for _ in range(args.batch)]
   targets = [dict(boxes=torch.tensor(b['gt_boxes'][0, i, :10], device=dev),
-                  labels=torch.tensor(b['gt_labels'][0, i, :10], device=dev).long())
+                  labels=torch.tensor(b['gt_labels'][0, i, :10], device=dev).long()
+                  + (name == 'SSD300'))   # torchvision's SSD: label 0 is the background
              for i in range(args.batch)]
   amp = args.dtype == 'bfloat16'
 
@@ -129,7 +140,7 @@ def bench_torchvision(args, name):
   sec = (time.time() - t) / args.steps
   mem = (torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda'
          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  print(f'torchvision {name} R50-FPN train {h}x{w} b{args.batch} {args.dtype} on {dev.type}: '
+  print(f'torchvision {name} {arch} train {h}x{w} b{args.batch} {args.dtype} on {dev.type}: '
         f'{args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, peak mem {mem:.2f} GB',
         flush=True)
 
@@ -144,7 +155,7 @@ def main():
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--torchvision', nargs='*', default=None,
-                 help='also time torchvision models (RetinaNet, FCOS; default: RetinaNet)')
+                 help='also time torchvision models (RetinaNet, FCOS, SSD300; default: RetinaNet)')
   p.add_argument('--device', default='cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')
   p.add_argument('--skip-jaxdet', action='store_true')
   args = p.parse_args()
