@@ -80,6 +80,7 @@ def _train_rows(work_dir):
     return [r for r in map(json.loads, f) if r['kind'] == 'train']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('devices', [1, 2])
 def test_kill_during_a_save_resumes_from_the_last_complete_checkpoint_exactly(
     tmp_path, shapes_cache, devices):

@@ -249,6 +249,7 @@ def test_predict_by_hand():
 
 LR, STEPS, TRACE = 2e-3, 200, False
 
+@pytest.mark.slow
 def test_overfit_class_loss_leaves_the_constant_prediction_level():
   """The real detector and train step (configs/detr.py:smoke made tiny, from scratch) on 8 fixed
   images of red / green squares: the last layer's class loss falls well below the level of the

@@ -89,6 +89,7 @@ def test_batchnorm_train_and_eval():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_neck_shapes_and_head_through_fcos_loss():
   """A small NAS-FCOS (the smoke's sizes) on a 64x96 batch: P3..P5 at the backbone's sizes, the
   head's outputs in the layout fcos_loss takes, finite losses and gradients (DCNs included),

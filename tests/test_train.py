@@ -151,6 +151,7 @@ EIGHT_DEVICES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_one_vs_eight_devices_same_loss_and_update():
   """Global batch 8 as 1 device x 8 images and as 8 devices x 1 image: same loss, same update
   (mmdetection's cross-device normalisers: pmean of the positive counts)."""
@@ -263,6 +264,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_two_devices(tmp_path, shapes_cache):
   """Multi-host through JAX's own `jax.distributed` (gloo collectives on CPU): 2 processes x 1
   device give the same global batch, losses, parameters and COCO metrics as 1 process x 2
