@@ -265,17 +265,41 @@ def _deform_conv_fwd(config, x, offset, mask, kernel):
 
 
 def _deform_conv_bwd(config, residuals, grad_out):
-  if config.all_points:
-    return _backward_all_points(config, residuals, grad_out)
   x, offset, mask, kernel = residuals
-  b, h, w, cin = x.shape
+  b, _, _, cin = x.shape
   _, ho, wo, _ = offset.shape
-  dg, g, cout = config.deform_groups, config.groups, kernel.shape[-1]
-  cg = cin // dg
-  xrows = x.reshape(-1, cg)
-  points = _points(config, offset, mask, kernel)
+  g, cout = config.groups, kernel.shape[-1]
+  xrows = x.reshape(-1, cin // config.deform_groups)
   grad_out = grad_out.astype(jnp.result_type(x.dtype, kernel.dtype))
   grad_out = grad_out.reshape(b * ho * wo, g, cout // g)
+  backward = _backward_all_points if config.all_points else _backward_by_point
+  grad_xrows, grad_off, grad_msk, grad_kern = backward(config, x, offset, mask, kernel, xrows,
+                                                       grad_out)
+  grad_x = grad_xrows.reshape(x.shape)
+  # (K, B, Ho, Wo, dg, 2) -> (B, Ho, Wo, dg, K, 2) is the offset channel layout; same for mask.
+  grad_offset = jnp.moveaxis(grad_off, 0, 4).reshape(offset.shape).astype(offset.dtype)
+  grad_mask = jnp.moveaxis(grad_msk, 0, 4).reshape(mask.shape).astype(mask.dtype)
+  # (K, G, Cin/G, Cout/G) -> (kh, kw, Cin/G, Cout).
+  grad_kernel = grad_kern.transpose(0, 2, 1, 3).reshape(kernel.shape).astype(kernel.dtype)
+  return grad_x, grad_offset, grad_mask, grad_kernel
+
+
+def _position_grads(a, weights, msk, ly, lx):
+  """Offset (..., 2) and mask gradients of one or all points from ``a[c]`` = <column gradient,
+  value at corner c> (corner axis first).  d sample / d y = (1 - lx) (v[y0+1, x0] - v[y0, x0])
+  + lx (v[y0+1, x0+1] - v[y0, x0+1]): the floor-based one-sided derivative, as torchvision's."""
+  grad_dy = msk * ((1 - lx) * (a[2] - a[0]) + lx * (a[3] - a[1]))
+  grad_dx = msk * ((1 - ly) * (a[1] - a[0]) + ly * (a[3] - a[2]))
+  return jnp.stack([grad_dy, grad_dx], axis=-1), jnp.sum(weights * a, axis=0)
+
+
+def _backward_by_point(config, x, offset, mask, kernel, xrows, grad_out):
+  """Gradients w.r.t. the input rows, per-point offsets / mask and kernel, one point at a time."""
+  b, h, w, cin = x.shape
+  _, ho, wo, _ = offset.shape
+  dg, g = config.deform_groups, config.groups
+  cg = cin // dg
+  points = _points(config, offset, mask, kernel)
 
   # Two passes over the kernel points so that the column block (needed for the kernel
   # gradient) and the column gradient are never alive together; XLA's CPU scheduler would
@@ -309,22 +333,10 @@ def _deform_conv_bwd(config, residuals, grad_out):
     a = jnp.where(valid, a, 0.0)  # out-of-image neighbours read as 0
     wts = (weights * msk[None]).astype(x.dtype)
     grad_xrows, _ = lax.scan(corner_scatter, grad_xrows, (rows, wts))
-    # d sample / d y = (1 - lx) (v[y0+1, x0] - v[y0, x0]) + lx (v[y0+1, x0+1] - v[y0, x0+1]):
-    # the floor-based one-sided derivative, as torchvision's kernel.
-    grad_dy = msk * ((1 - lx) * (a[2] - a[0]) + lx * (a[3] - a[1]))
-    grad_dx = msk * ((1 - ly) * (a[1] - a[0]) + ly * (a[3] - a[2]))
-    grad_msk = jnp.sum(weights * a, axis=0)
-    return grad_xrows, (jnp.stack([grad_dy, grad_dx], axis=-1), grad_msk)
+    return grad_xrows, _position_grads(a, weights, msk, ly, lx)
 
-  grad_xrows = jnp.zeros_like(xrows)
-  grad_xrows, (grad_off, grad_msk) = lax.scan(input_step, grad_xrows, points)
-  grad_x = grad_xrows.reshape(x.shape)
-  # (K, B, Ho, Wo, dg, 2) -> (B, Ho, Wo, dg, K, 2) is the offset channel layout; same for mask.
-  grad_offset = jnp.moveaxis(grad_off, 0, 4).reshape(offset.shape).astype(offset.dtype)
-  grad_mask = jnp.moveaxis(grad_msk, 0, 4).reshape(mask.shape).astype(mask.dtype)
-  # (K, G, Cin/G, Cout/G) -> (kh, kw, Cin/G, Cout).
-  grad_kernel = grad_kern.transpose(0, 2, 1, 3).reshape(kernel.shape).astype(kernel.dtype)
-  return grad_x, grad_offset, grad_mask, grad_kernel
+  grad_xrows, (grad_off, grad_msk) = lax.scan(input_step, jnp.zeros_like(xrows), points)
+  return grad_xrows, grad_off, grad_msk, grad_kern
 
 
 # All kernel points at once: the per-point functions above, vmapped over the point axis.
@@ -351,37 +363,25 @@ def _forward_all_points(config, x, offset, mask, kernel):
   return out.reshape(b, ho, wo, kernel.shape[-1]).astype(jnp.result_type(x.dtype, kernel.dtype))
 
 
-def _backward_all_points(config, residuals, grad_out):
-  x, offset, mask, kernel = residuals
-  b, h, w, cin = x.shape
+def _backward_all_points(config, x, offset, mask, kernel, xrows, grad_out):
+  """As `_backward_by_point`, all points at once (leading K axis on every per-point array)."""
+  b, _, _, cin = x.shape
   _, ho, wo, _ = offset.shape
-  dg, g, cout = config.deform_groups, config.groups, kernel.shape[-1]
-  cg = cin // dg
-  xrows = x.reshape(-1, cg)
+  dg, cg = config.deform_groups, cin // config.deform_groups
   points, (rows, valid, weights, (ly, lx)), cols = _samples_all_points(
       config, x, offset, mask, kernel)
   k = rows.shape[0]
-  grad_out = grad_out.astype(jnp.result_type(x.dtype, kernel.dtype))
-  grad_out = grad_out.reshape(b * ho * wo, g, cout // g)
   grad_kern = jnp.einsum("kngc,ngo->kgco", cols, grad_out, precision=config.precision)
   grad_cols = jnp.einsum("ngo,kgco->kngc", grad_out, points[4], precision=config.precision)
   grad_cols = grad_cols.reshape(k, 1, b, ho, wo, dg, cg).astype(x.dtype)   # (K, corner, ...)
   msk = points[3].astype(jnp.float32)                                       # (K, B, Ho, Wo, dg)
   a = jnp.sum(grad_cols * _gather(xrows, rows), axis=-1, dtype=jnp.float32)  # (K, 4, ...)
   a = jnp.where(valid, a, 0.0)
-  wts = (weights * msk[:, None]).astype(x.dtype)
-  update = wts[..., None] * grad_cols
+  update = (weights * msk[:, None]).astype(x.dtype)[..., None] * grad_cols
   grad_xrows = jnp.zeros_like(xrows).at[rows.reshape(-1)].add(
       update.reshape(-1, cg), mode="promise_in_bounds")
-  a0, a1, a2, a3 = (a[:, c] for c in range(4))
-  grad_dy = msk * ((1 - lx) * (a2 - a0) + lx * (a3 - a1))
-  grad_dx = msk * ((1 - ly) * (a1 - a0) + ly * (a3 - a2))
-  grad_off = jnp.stack([grad_dy, grad_dx], axis=-1)
-  grad_msk = jnp.sum(weights * a, axis=1)
-  grad_offset = jnp.moveaxis(grad_off, 0, 4).reshape(offset.shape).astype(offset.dtype)
-  grad_mask = jnp.moveaxis(grad_msk, 0, 4).reshape(mask.shape).astype(mask.dtype)
-  grad_kernel = grad_kern.transpose(0, 2, 1, 3).reshape(kernel.shape).astype(kernel.dtype)
-  return grad_xrows.reshape(x.shape), grad_offset, grad_mask, grad_kernel
+  grad_off, grad_msk = jax.vmap(_position_grads)(a, weights, msk, ly, lx)
+  return grad_xrows, grad_off, grad_msk, grad_kern
 
 
 _deform_conv.defvjp(_deform_conv_fwd, _deform_conv_bwd)
