@@ -51,8 +51,8 @@ def small(model, width=8):
   weights the plain VGG starts with logits in the hundreds, loss 150, gradient norm 2,000, and BN
   in the VGG stages alone still diverged at lr 0.01), the L2Norm scale reduced with the width,
   five levels of 20, 10, 5, 3 and 1 cells (the 160
-  px input has no room for SSD300's sixth), anchors of 8 to 150 px for the shapes' 8-96 px
-  objects (SSD300's sizes would start at 21 px)."""
+  px input has no room for SSD300's sixth), anchors of 16 to 160 px, 2x each level's stride as
+  SSD300's 21 px at stride 8 (anchors as small as the stride left ~1 positive per object)."""
   w = width
   model.backbone.update(base_width=w, with_bn=True, pretrained='')
   # L2Norm scaled with the width, so that each conv4_3 channel keeps SSD300's size
@@ -61,5 +61,5 @@ def small(model, width=8):
   model.neck.update(in_channels=(8 * w, 16 * w), out_channels=(8 * w, 16 * w, 8 * w, 4 * w, 4 * w),
                     level_strides=(2, 2, 1), level_paddings=(1, 1, 0), norm='bn')
   model.head.update(strides=(8, 16, 32, 53, 160), ratios=((2,), (2, 3), (2, 3), (2,), (2,)),
-                    min_sizes=(8, 16, 32, 56, 96), max_sizes=(16, 32, 56, 96, 150))
+                    min_sizes=(16, 32, 64, 96, 128), max_sizes=(32, 64, 96, 128, 160))
   return model
