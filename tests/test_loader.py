@@ -8,6 +8,7 @@ from PIL import Image
 from configs._base_ import data as data_config
 from jaxdet.data import loader as L
 from jaxdet.data import transforms as T
+from jaxdet.data.loader.train_loader import TrainSchedule
 
 
 class ListSource:
@@ -140,9 +141,12 @@ def test_repeat_is_mmdetections_repeat_dataset(loader):
   ids = np.concatenate([tripled.batch(j)["image_id"].ravel() for j in range(9)])
   counts = {i: int(np.sum(ids == i)) for i in usable}
   assert all(c >= 3 for c in counts.values()) and set(ids.tolist()) == set(usable)
-  # within the first 3 batches some image comes twice (one shuffle over the 3 copies)
-  first = np.concatenate([tripled.batch(j)["image_id"].ravel() for j in range(3)])
-  assert len(set(first.tolist())) < len(first)
+  # one shuffle over the 3 copies (not 3 passes one after another): on one bucket of 10 images
+  # the first 10 of an epoch repeat some image and miss another
+  schedule = TrainSchedule(np.zeros(10, np.int64), np.ones(10, bool), global_batch=5, seed=0,
+                           num_buckets=1, repeat=3)
+  first = schedule.epoch(0)[0].ravel()[:10]
+  assert len(first) == 10 and len(set(first.tolist())) < 10
   once = _train(repeat=1)
   assert all(_equal(once.batch(j), loader.batch(j)) for j in (0, 3, 5))
   with pytest.raises(ValueError, match="data.repeat must be a positive integer, got 0"):
