@@ -5,8 +5,10 @@ torchvision's RetinaNet / FCOS R50-FPN in the same process.
   python experiments/bench_train.py --size 512 512 --batch 2                 # CPU, ATSS (issue 5)
   python experiments/bench_train.py --config configs/retinanet.py configs/fcos.py \
       --size 512 512 --batch 2 --torchvision RetinaNet FCOS                 # CPU (issue 6)
-  python experiments/bench_train.py --config configs/ssd300.py --size 300 300 --batch 8 \
-      --torchvision SSD300                                                  # CPU (issue 17)
+  python experiments/bench_train.py --config configs/ssd300.py --size 300 300 --batch 2 \
+      --steps 2 --lr 1e-5 --torchvision SSD300                              # CPU (issue 17)
+  python experiments/bench_train.py --config configs/ssd512.py --size 512 512 --batch 2 \
+      --steps 2 --lr 1e-5                                                   # CPU (issue 17)
   python experiments/bench_train.py --config configs/atss.py configs/retinanet.py configs/fcos.py \
       --size 800 1216 --batch 8 --dtype bfloat16 --torchvision RetinaNet FCOS   # GPU
 
@@ -57,7 +59,7 @@ def bench_jaxdet(args, spec):
   config.model.backbone.pretrained = ''   # random init
   pipeline = config.data.pipeline
   det = build_detector(config.model, args.dtype)
-  sched = lambda step: 0.01
+  sched = lambda step: args.lr
   h, w = args.size
   t = time.time()
   state, tx = train_state.create_train_state(det, config, (1, h, w, 3), sched)
@@ -110,7 +112,7 @@ def bench_torchvision(args, name):
         strict=False)
     arch = 'R50-FPN'
   model.to(dev).train()
-  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+  opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
   b = random_batch(args.batch, h, w)
   images = [torch.rand(3, h, w, device=dev) for _ in range(args.batch)]
   targets = [dict(boxes=torch.tensor(b['gt_boxes'][0, i, :10], device=dev),
@@ -154,6 +156,8 @@ def main():
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--lr', type=float, default=0.01,
+                 help='fixed SGD lr of both sides (SSD from random init, plain VGG16 without warmup, diverges at 1e-3)')
   p.add_argument('--torchvision', nargs='*', default=None,
                  help='also time torchvision models (RetinaNet, FCOS, SSD300; default: RetinaNet)')
   p.add_argument('--device', default='cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')

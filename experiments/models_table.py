@@ -85,8 +85,8 @@ def table():
   from jaxdet import info  # pylint: disable=import-outside-toplevel
   from jaxdet.engine import config_cli  # pylint: disable=import-outside-toplevel
   results = load_results()
-  lines = ['| config | detector | paper | mmdet COCO box AP | parameters | smoke mAP (2-core CPU, '
-           'wall at ~30 img/s) | CPU train img/s (512x512, b2) |', '|---|---|---|---|---|---|---|']
+  lines = ['| config | detector | paper | mmdet COCO box AP | parameters | smoke mAP (wall on the '
+           '2-core CPU) | CPU train img/s (512x512, b2) |', '|---|---|---|---|---|---|---|']
   for spec, name, paper, ap in MODELS:
     if not os.path.exists(os.path.join(ROOT, spec)):
       continue
