@@ -72,7 +72,6 @@ def mm_head(spec, num_classes=80):
 def _to_jax_variables(state_dict, rules, jax_params):
   """Torch tensors -> a params pytree shaped like `jax_params` through (regex, template) rules
   (4-d weight -> kernel HWIO, 1-d weight -> scale, bias -> bias); every leaf filled once."""
-  out = jax.tree_util.tree_map(lambda _: None, jax_params)
   flat = {}
   for name, tensor in state_dict.items():
     module, leaf = name.rsplit('.', 1)
