@@ -68,8 +68,10 @@ def detr_cost(cls_scores, bbox_preds, gt_labels, gt_boxes_px, factor, *, cls_wei
 
 def match(cost, col_mask, method='auto'):
   """(..., Q) int32 gt index of each query, -1 for none: one batched `hungarian_match` call
-  over every leading axis (decoder layers x images); `col_mask` (B, G) broadcasts."""
-  return hungarian_match(cost, col_mask, method=method)[0]
+  over every leading axis (decoder layers x images); `col_mask` (B, G) broadcasts. Named
+  'hungarian_match' in the HLO (experiments/profile_step.py reports its share of the step)."""
+  with jax.named_scope('hungarian_match'):
+    return hungarian_match(cost, col_mask, method=method)[0]
 
 
 def detr_loss(outputs, batch, head_cfg, *, axis_name=None):
