@@ -33,9 +33,20 @@ from jaxdet.models.detectors import build_detector, compute_dtype  # noqa: E402
 
 
 def module_of(op_name, depth=2):
-  """'jit(_fun)/transpose(jvp(SingleStageDetector))/head/cls_convs_1/conv' -> 'bwd head/cls_convs_1'."""
+  """'jit(_fun)/transpose(jvp(SingleStageDetector))/head/cls_convs_1/conv' -> 'bwd head/cls_convs_1';
+  'jit(_fun)/jvp(hungarian_match)/while/body/eq' -> 'fwd hungarian_match/while' (a named scope
+  under a transformation keeps its name; the detector's root module, capitalised, is dropped)."""
   direction = 'bwd' if 'transpose(' in op_name else 'fwd'
-  parts = [p for p in op_name.split('/') if not p.startswith(('jit(_fun', 'jvp(', 'transpose('))]
+  parts = []
+  for part in op_name.split('/'):
+    if part.startswith('jit(_fun'):
+      continue
+    inner = part
+    while (m := re.fullmatch(r'(?:jvp|transpose|jit|vmap|remat)\((.*)\)', inner)):
+      inner = m.group(1)
+    if inner != part and inner[:1].isupper():
+      continue
+    parts.append(inner)
   if 'deform_conv' in op_name:
     return f'{direction} DCN {parts[0] if parts else ""}'
   return f'{direction} ' + '/'.join(parts[:depth])

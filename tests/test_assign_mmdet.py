@@ -11,6 +11,8 @@ import pytest
 
 from jaxdet.assigners.atss import atss_assign, atss_assign_dense
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 
 IMAGE_HW = (800, 1216)
@@ -22,8 +24,7 @@ PAD_GT = 128
 def mmdet():
   """mmdetection's pieces (mmcv-lite has no compiled ops: stub their loader)."""
   torch = pytest.importorskip('torch')
-  ext_loader = pytest.importorskip('mmcv.utils.ext_loader')
-  ext_loader.load_ext = lambda name, funcs: None
+  mmdet_compat.stub_compiled_ops()
   assigners = pytest.importorskip('mmdet.models.task_modules.assigners')
   generators = pytest.importorskip('mmdet.models.task_modules.prior_generators')
   structures = pytest.importorskip('mmengine.structures')

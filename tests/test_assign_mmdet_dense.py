@@ -9,6 +9,8 @@ import pytest
 from jaxdet.assigners.fcos import fcos_assign
 from jaxdet.assigners.max_iou import max_iou_assign
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 pytest.importorskip('mmdet')
@@ -20,8 +22,7 @@ NUM_SLOTS = 128  # gts padded to this count
 @functools.lru_cache(maxsize=None)
 def mmdet():
   """mmdetection's modules; mmcv-lite has no compiled ops, so their loader is stubbed first."""
-  import mmcv.utils.ext_loader as ext_loader
-  ext_loader.load_ext = lambda name, funcs: None
+  mmdet_compat.stub_compiled_ops()
   from mmdet.models.dense_heads import FCOSHead
   from mmdet.models.task_modules.assigners import MaxIoUAssigner
   from mmdet.models.task_modules.prior_generators import AnchorGenerator, SSDAnchorGenerator

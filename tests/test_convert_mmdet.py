@@ -5,7 +5,7 @@ and mmdetection's caffe ResNet-50 loaded as `model.backbone.pretrained` give the
 Every model has random weights with non-trivial BN statistics (calibrated on the input, so the
 activations stay O(1)), random BN / GN affines, Scales and class biases; the same random input
 goes into both sides. mmcv-lite has no compiled NMS: mmdetection's post-processing runs with a
-plain greedy NMS written here (mmcv's `batched_nms` semantics).
+plain greedy NMS (tests/mmdet_compat.py, mmcv's `batched_nms` semantics).
 """
 import json
 import os
@@ -23,6 +23,8 @@ from jaxdet.models import weights
 from jaxdet.models.backbones import ResNet
 from jaxdet.models.detectors import build_detector
 from jaxdet.models.registry import HEADS
+
+import mmdet_compat
 
 pytestmark = pytest.mark.torch
 
@@ -55,44 +57,9 @@ def _nhwc(t):
 
 @pytest.fixture(scope='module')
 def mm():
-  """mmdetection's registry and configs (mmcv-lite: its compiled-op loader stubbed)."""
-  ext_loader = pytest.importorskip('mmcv.utils.ext_loader')
-  ext_loader.load_ext = lambda name, funcs: None
-  mmdet = pytest.importorskip('mmdet')
-  from mmdet.models.dense_heads import base_dense_head  # noqa: E402
-  from mmdet.registry import MODELS  # noqa: E402
-  from mmdet.utils import register_all_modules  # noqa: E402
-  from mmengine.config import Config  # noqa: E402
-  register_all_modules()
-  base_dense_head.batched_nms = torch_batched_nms   # mmcv's needs compiled ops
+  """mmdetection's registry and configs (tests/mmdet_compat.py)."""
   torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-  return dict(MODELS=MODELS, Config=Config,
-              configs=os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs'))
-
-
-def torch_batched_nms(boxes, scores, idxs, nms_cfg, class_agnostic=False):
-  """mmcv.ops.batched_nms with a plain greedy loop: within each class, highest score first, drop
-  the boxes with IoU > iou_threshold against a kept one; returns (dets (K, 5), keep) by score."""
-  thr = nms_cfg['iou_threshold']
-  if nms_cfg.get('class_agnostic', class_agnostic):
-    idxs = torch.zeros_like(idxs)
-  kept = []
-  for label in torch.unique(idxs):
-    members = torch.nonzero(idxs == label)[:, 0]
-    members = members[torch.sort(scores[members], descending=True, stable=True).indices]
-    b = boxes[members].double()
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:])
-             - torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
-    suppress = inter / (area[:, None] + area[None, :] - inter).clamp(min=1e-12) > thr
-    removed = torch.zeros(len(members), dtype=torch.bool)
-    for i in range(len(members)):
-      if not removed[i]:
-        kept.append(int(members[i]))
-        removed |= suppress[i]
-  keep = torch.tensor(kept, dtype=torch.long)
-  keep = keep[torch.sort(scores[keep], descending=True, stable=True).indices]
-  return torch.cat([boxes[keep], scores[keep, None]], dim=1), keep
+  return mmdet_compat.mmdet()
 
 
 def _randomize(model, run_backbone, images, seed=0):
@@ -141,11 +108,7 @@ def compared(request, mm, tmp_path_factory):
   jd_config, mm_config, reg_to_mmdet = DETECTORS[name]
   if name not in HEADS:
     pytest.fail(f'jaxdet has no {name!r} head yet (jaxdet.models.registry.HEADS)')
-  cfg = mm['Config'].fromfile(os.path.join(mm['configs'], mm_config))
-  cfg.model.backbone.init_cfg = None           # no ImageNet download: random weights
-  torch.manual_seed(0)
-  model = mm['MODELS'].build(cfg.model)
-  model.init_weights()
+  model, cfg = mmdet_compat.build_model(mm_config, seed=0)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((1,) + IMAGE_HW + (3,)).astype(np.float32)
   x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())

@@ -10,6 +10,8 @@ torchvision = pytest.importorskip("torchvision")
 from jaxdet.models.layers.deform_conv import ModulatedDeformConv2dPack, params_from_torch  # noqa: E402
 from jaxdet.ops.deform_conv import deform_conv2d, output_size  # noqa: E402
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 
 RTOL = 1e-4  # max |jax - torch| / max |torch|
@@ -88,8 +90,7 @@ def test_matches_torchvision_forward_and_gradients(name):
 @pytest.fixture(scope="module")
 def mmcv_dcn_class():
   pytest.importorskip("mmcv")
-  import mmcv.utils.ext_loader as ext_loader
-  ext_loader.load_ext = lambda name, funcs: None  # mmcv-lite: no compiled extension
+  mmdet_compat.stub_compiled_ops()
   from mmcv.ops.modulated_deform_conv import ModulatedDeformConv2dPack as MmcvDCN
   return MmcvDCN
 

@@ -21,6 +21,8 @@ from jaxdet.engine import config_cli
 from jaxdet.models import weights
 from jaxdet.models.detectors import build_detector
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 
 torch = pytest.importorskip('torch')
@@ -62,22 +64,10 @@ def _randomize(model, images):
 
 @pytest.fixture(scope='module')
 def compared(tmp_path_factory):
-  ext_loader = pytest.importorskip('mmcv.utils.ext_loader')
-  ext_loader.load_ext = lambda name, funcs: None
-  mmdet = pytest.importorskip('mmdet')
-  from mmdet.registry import MODELS  # noqa: E402
-  from mmdet.structures import DetDataSample  # noqa: E402
-  from mmdet.utils import register_all_modules  # noqa: E402
-  from mmengine.config import Config  # noqa: E402
-  register_all_modules()
+  DetDataSample = mmdet_compat.mmdet()['DetDataSample']
   logging.getLogger('mmengine').setLevel(logging.WARNING)
   torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-  cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'detr',
-                                     'detr_r50_8xb2-150e_coco.py'))
-  cfg.model.backbone.init_cfg = None
-  torch.manual_seed(0)
-  model = MODELS.build(cfg.model)
-  model.init_weights()
+  model, _ = mmdet_compat.build_model('detr/detr_r50_8xb2-150e_coco.py', seed=0)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((2,) + INPUT_HW + (3,)).astype(np.float32)
   for i, (h, w) in enumerate(IMG_SHAPES):

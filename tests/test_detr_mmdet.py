@@ -22,6 +22,8 @@ from jaxdet.models.heads.detr_head import DETRHead, detr_predict, padding_mask
 from jaxdet.models.heads.detr_loss import detr_cost, detr_loss, match
 from jaxdet.models.layers.positional_encoding import sine_positional_encoding
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 
 torch = pytest.importorskip('torch')
@@ -34,23 +36,10 @@ FEAT_HW = (7, 10)                     # ceil(INPUT_HW / 32)
 
 @pytest.fixture(scope='module')
 def mm():
-  ext_loader = pytest.importorskip('mmcv.utils.ext_loader')
-  ext_loader.load_ext = lambda name, funcs: None
-  mmdet = pytest.importorskip('mmdet')
-  from mmdet.registry import MODELS  # noqa: E402
-  from mmdet.structures import DetDataSample  # noqa: E402
-  from mmdet.utils import register_all_modules  # noqa: E402
-  from mmengine.config import Config  # noqa: E402
-  from mmengine.structures import InstanceData  # noqa: E402
-  register_all_modules()
+  mm = mmdet_compat.mmdet()
   logging.getLogger('mmengine').setLevel(logging.WARNING)  # init_weights' per-tensor report
   torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-  cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs',
-                                     'detr', 'detr_r50_8xb2-150e_coco.py'))
-  cfg.model.backbone.init_cfg = None
-  torch.manual_seed(0)
-  model = MODELS.build(cfg.model)
-  model.init_weights()
+  model, _ = mmdet_compat.build_model('detr/detr_r50_8xb2-150e_coco.py', seed=0)
   gen = torch.Generator().manual_seed(1)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -60,7 +49,7 @@ def mm():
         base = 1. if name.endswith('weight') else 0.
         p.copy_(base + 0.2 * (torch.rand(p.shape, generator=gen) - 0.5))
   model.eval()
-  return dict(model=model, DetDataSample=DetDataSample, InstanceData=InstanceData)
+  return dict(model=model, DetDataSample=mm['DetDataSample'], InstanceData=mm['InstanceData'])
 
 
 def head_params_from_torch(state_dict):

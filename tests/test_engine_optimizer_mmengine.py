@@ -13,6 +13,8 @@ import pytest
 
 from jaxdet.engine.optimizer import build_optimizer, group_multipliers, param_labels
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 
 BASE_LR, BASE_WD = 0.01, 0.05
@@ -21,8 +23,7 @@ BASE_LR, BASE_WD = 0.01, 0.05
 @pytest.fixture(scope='module')
 def mm():
   torch = pytest.importorskip('torch')
-  ext_loader = pytest.importorskip('mmcv.utils.ext_loader')
-  ext_loader.load_ext = lambda name, funcs: None  # mmcv-lite: no compiled ops (never run here)
+  mmdet_compat.stub_compiled_ops()
   ops = pytest.importorskip('mmcv.ops')
   constructor = pytest.importorskip('mmengine.optim.optimizer.default_constructor')
   return dict(torch=torch, ops=ops, constructor=constructor)

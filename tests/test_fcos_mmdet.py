@@ -10,6 +10,8 @@ import pytest
 
 from jaxdet.models.heads.fcos_head import fcos_loss
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 pytest.importorskip('mmdet')
@@ -27,8 +29,7 @@ MAX_GT = 6
 @functools.lru_cache(maxsize=None)
 def mmdet():
   """mmdetection's FCOSHead; mmcv-lite has no compiled ops, so their loader is stubbed first."""
-  import mmcv.utils.ext_loader as ext_loader
-  ext_loader.load_ext = lambda name, funcs: None
+  mmdet_compat.stub_compiled_ops()
   from mmdet.models.dense_heads import FCOSHead
   from mmengine.structures import InstanceData
   return FCOSHead, InstanceData

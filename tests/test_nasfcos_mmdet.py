@@ -17,15 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdet.models.backbones.resnet import TORCH_NAMES as RESNET
 from jaxdet.models.backbones.resnet import ResNet
 from jaxdet.models.heads import nasfcos_head
 from jaxdet.models.necks import nasfcos_fpn
 from jaxdet.models.weights import torch_to_flax
 
-try:  # the detector contract moves the name tables to the parts
-  from jaxdet.models.backbones.resnet import TORCH_NAMES as RESNET
-except ImportError:
-  from jaxdet.models.weights import RESNET
+import mmdet_compat
+
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
@@ -47,8 +46,7 @@ def tv_forward(self, x):
 
 @functools.lru_cache(maxsize=None)
 def mmcv_dcn():
-  import mmcv.utils.ext_loader as ext_loader
-  ext_loader.load_ext = lambda name, funcs: None
+  mmdet_compat.stub_compiled_ops()
   from mmcv.ops.modulated_deform_conv import ModulatedDeformConv2dPack
   ModulatedDeformConv2dPack.forward = tv_forward
   return ModulatedDeformConv2dPack
@@ -111,18 +109,8 @@ def test_torchvision_replacement_equals_mmcv_formula():
 def mmdet_model():
   """mmdetection's NAS-FCOS (its own config, 80 classes), random weights, eval mode."""
   mmcv_dcn()
-  import mmdet
-  from mmdet.registry import MODELS
-  from mmdet.utils import register_all_modules
-  from mmengine.config import Config
-  register_all_modules()
-  path = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'nas_fcos',
-                      'nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco.py')
-  cfg = Config.fromfile(path)
-  cfg.model.backbone.init_cfg = None
-  torch.manual_seed(0)
-  model = MODELS.build(cfg.model)
-  model.init_weights()
+  model, _ = mmdet_compat.build_model(
+      'nas_fcos/nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco.py', seed=0)
   gen = torch.Generator().manual_seed(1)
   rand = lambda t, lo, hi: t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
   with torch.no_grad():
@@ -268,28 +256,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOX_ATOL = 0.01  # px
 
 
-def greedy_batched_nms(boxes, scores, idxs, nms_cfg, class_agnostic=False):
-  """mmcv's `batched_nms` without compiled ops: per class, highest score first, drop boxes with
-  IoU > iou_threshold against a kept one; returns (dets (K, 5), keep) by descending score."""
-  kept = []
-  for label in torch.unique(idxs):
-    members = torch.nonzero(idxs == label)[:, 0]
-    members = members[torch.sort(scores[members], descending=True, stable=True).indices]
-    b = boxes[members].double()
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:])
-             - torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
-    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1e-12)
-    removed = torch.zeros(len(members), dtype=torch.bool)
-    for i in range(len(members)):
-      if not removed[i]:
-        kept.append(int(members[i]))
-        removed |= iou[i] > nms_cfg['iou_threshold']
-  keep = torch.tensor(kept, dtype=torch.long)
-  keep = keep[torch.sort(scores[keep], descending=True, stable=True).indices]
-  return torch.cat([boxes[keep], scores[keep, None]], dim=1), keep
-
-
 @functools.lru_cache(maxsize=None)
 def converted(tmp_dir):
   """mmdetection's state_dict saved as a .pth and converted by `python -m jaxdet.convert`."""
@@ -324,10 +290,8 @@ def test_conversion_covers_the_model(converted_variables):
 def test_converted_detections_equal_mmdet(converted_variables, hw):
   """The converted detector (configs/nas_fcos.py) on mmdetection's input: head outputs within
   CHAIN_RTOL, then the same detections (labels, order), boxes within BOX_ATOL px."""
-  from mmdet.models.dense_heads import base_dense_head
   from jaxdet.engine import config_cli
   from jaxdet.models.detectors import build_detector
-  base_dense_head.batched_nms = greedy_batched_nms  # mmcv's needs compiled ops
   model = mmdet_model()
   image, _, _, head_out = torch_run(hw)
   meta = dict(img_shape=hw, pad_shape=hw, ori_shape=hw, scale_factor=(1.0, 1.0))

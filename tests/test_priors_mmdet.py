@@ -1,14 +1,12 @@
 """jaxdet.priors against mmdetection 3.3's own prior generators: exact float32 equality."""
-import importlib.util
-
 import numpy as np
 import pytest
 
+import mmdet_compat
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("mmdet")
-if importlib.util.find_spec("mmcv._ext") is None:  # mmcv-lite: no compiled ops to load
-  import mmcv.utils.ext_loader as ext_loader
-  ext_loader.load_ext = lambda name, funcs: None
+mmdet_compat.stub_compiled_ops()
 generators = pytest.importorskip("mmdet.models.task_modules.prior_generators")
 
 from jaxdet.priors import (anchor_grid, point_grid, ssd_anchor_grid,  # noqa: E402

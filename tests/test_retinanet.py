@@ -16,6 +16,8 @@ from jaxdet.models.detectors import build_detector
 from jaxdet.models.heads import retina_head
 from jaxdet.priors import valid_flags
 
+import mmdet_compat
+
 SIZE = 64                     # padded batch side (px)
 STRIDES = (8, 16, 32)
 SIZES = tuple((SIZE // s, SIZE // s) for s in STRIDES)
@@ -393,8 +395,7 @@ def test_gn_head_option_is_mmdetection_norm_cfg():
 def mmdet_retina_head():
   torch = pytest.importorskip('torch')
   pytest.importorskip('mmdet')
-  import mmcv.utils.ext_loader as ext_loader
-  ext_loader.load_ext = lambda name, funcs: None  # mmcv-lite: no compiled ops
+  mmdet_compat.stub_compiled_ops()
   from mmengine.config import ConfigDict
   from mmdet.models.dense_heads import RetinaHead
   from mmdet.utils import register_all_modules

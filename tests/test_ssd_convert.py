@@ -6,7 +6,7 @@ with random weights; the class and box convs are rescaled (per level, from one f
 that the logits spread over a few units and many priors pass score_thr 0.02 -- otherwise the
 ~1e3-large logits of an untrained VGG make every score 0 or 1. The L2Norm weights are random.
 mmcv-lite has no compiled NMS: mmdetection's post-processing runs with a plain greedy class-aware
-NMS written here.
+NMS (tests/mmdet_compat.py).
 """
 import os
 
@@ -20,6 +20,8 @@ from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
 from jaxdet.models.detectors import build_detector
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 
@@ -28,55 +30,15 @@ RTOL, BOX_ATOL, SCORE_ATOL = 1e-4, 0.01, 1e-4
 MEASURED = {}
 
 
-def greedy_batched_nms(boxes, scores, idxs, nms_cfg, class_agnostic=False):
-  """mmcv's batched_nms semantics without compiled ops: per class, best first, a box is dropped
-  when its IoU with a kept one exceeds the threshold; returns (dets (K, 5), keep) by score."""
-  thr = nms_cfg['iou_threshold']
-  b = boxes.double()
-  area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  keep = []
-  for label in torch.unique(idxs):
-    members = torch.nonzero(idxs == label)[:, 0]
-    members = members[torch.sort(scores[members], descending=True, stable=True).indices]
-    alive = torch.ones(len(members), dtype=torch.bool)
-    for i in range(len(members)):
-      if not alive[i]:
-        continue
-      keep.append(int(members[i]))
-      m = members[i + 1:]
-      lt = torch.maximum(b[members[i], :2], b[m, :2])
-      rb = torch.minimum(b[members[i], 2:], b[m, 2:])
-      inter = (rb - lt).clamp(min=0).prod(-1)
-      iou = inter / (area[members[i]] + area[m] - inter).clamp(min=1e-12)
-      alive[i + 1:] &= iou <= thr
-  keep = torch.tensor(keep, dtype=torch.long)
-  keep = keep[torch.sort(scores[keep], descending=True, stable=True).indices]
-  return torch.cat([boxes[keep], scores[keep, None]], 1), keep
-
-
 @pytest.fixture(scope='module')
 def mm():
-  ext_loader = pytest.importorskip('mmcv.utils.ext_loader')
-  ext_loader.load_ext = lambda name, funcs: None
-  mmdet = pytest.importorskip('mmdet')
-  from mmdet.models.dense_heads import base_dense_head
-  from mmdet.registry import MODELS
-  from mmdet.utils import register_all_modules
-  from mmengine.config import Config
-  register_all_modules()
-  base_dense_head.batched_nms = greedy_batched_nms
-  return dict(MODELS=MODELS, Config=Config,
-              configs=os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs'))
+  return mmdet_compat.mmdet()
 
 
 @pytest.fixture(scope='module', params=[300, 512])
 def compared(request, mm, tmp_path_factory):
   size = request.param
-  cfg = mm['Config'].fromfile(os.path.join(mm['configs'], f'ssd/ssd{size}_coco.py'))
-  cfg.model.backbone.init_cfg = None
-  torch.manual_seed(size)
-  model = mm['MODELS'].build(cfg.model)
-  model.init_weights()
+  model, _ = mmdet_compat.build_model(f'ssd/ssd{size}_coco.py', seed=size)
   model.eval()
   rng = np.random.default_rng(size)
   # A normalised image as the data preprocessor gives (RGB minus the mean, std 1).

@@ -2,7 +2,6 @@
 (mapped by the modules' PyTorch name tables), `SSDHead.loss_by_feat` on the same random head
 outputs and scenes, and MaxIoUAssigner(gt_max_assign_all=False) on scenes built to share best
 priors."""
-import functools
 import re
 
 import jax
@@ -16,6 +15,8 @@ from jaxdet.models.backbones import vgg
 from jaxdet.models.heads import ssd_head
 from jaxdet.models.necks import ssd_neck
 from jaxdet.priors import ssd_anchor_grid
+
+import mmdet_compat
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
@@ -32,16 +33,7 @@ NECK512 = dict(out_channels=(512, 1024, 512, 256, 256, 256, 256), level_strides=
 TRAIN = dict(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0., gt_max_assign_all=False)
 
 
-@functools.lru_cache(maxsize=None)
-def mm():
-  """mmdetection's registry (mmcv-lite has no compiled ops: their loader is stubbed first)."""
-  import mmcv.utils.ext_loader as ext_loader
-  ext_loader.load_ext = lambda name, funcs: None
-  from mmdet.registry import MODELS, TASK_UTILS
-  from mmdet.utils import register_all_modules
-  from mmengine.structures import InstanceData
-  register_all_modules()
-  return dict(MODELS=MODELS, TASK_UTILS=TASK_UTILS, InstanceData=InstanceData)
+mm = mmdet_compat.mmdet  # mmdetection's registries (tests/mmdet_compat.py)
 
 
 def head_cfg(spec, num_classes=80):

@@ -10,14 +10,15 @@ import pytest
 
 from jaxdet.data import transforms as T
 
+import mmdet_compat
+
 pytestmark = pytest.mark.torch
 
 
 @pytest.fixture(scope="module")
 def mm():
   pytest.importorskip("torch")
-  el = pytest.importorskip("mmcv.utils.ext_loader")
-  el.load_ext = lambda name, funcs: None
+  mmdet_compat.stub_compiled_ops()
   from mmcv.transforms import Compose, RandomChoice, RandomChoiceResize  # pylint: disable=import-outside-toplevel
   import mmdet.datasets.transforms as mt  # pylint: disable=import-outside-toplevel
   from mmdet.structures.bbox import HorizontalBoxes  # pylint: disable=import-outside-toplevel
