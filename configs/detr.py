@@ -56,10 +56,11 @@ def _smoke(config):
   BN statistics frozen, backbone lr x0.1; a 1x1 projection to 128; 1 encoder + 3 decoder
   layers, 8 heads, FFN 512, 12 queries (the shapes images hold at most 6 objects), no dropout
   (a departure from DETR's 0.1: on 2,000 images it only slowed learning, and it cost ~15% of
-  the step); AdamW lr 4e-4 for 8 images, clip 0.1, no warmup; batch 8; 24 epochs, lr x0.1 at 22.
-  Measured on the idle 2-core CPU (experiments/README.md, DETR): mAP 0.160 (AP50 0.334) in
-  9.6 min from the command's start at ~85 img/s (floor 0.15 in 15 min); with dropout 0.1:
-  0.157 in 12.1 min."""
+  the step); AdamW lr 4e-4 for 8 images, clip 0.1, no warmup; batch 8 (on a CPU host 2 XLA
+  devices x 4: `config.cpu_devices`, as the ATSS smoke); 24 epochs, lr x0.1 at 22.
+  Measured on the idle 2-core CPU (experiments/README.md, DETR): mAP 0.166 (AP50 0.354) in
+  7.1 min from the command's start at ~125 img/s (2026-12-03; floor 0.15 in 15 min); on one
+  CPU device 0.160 in 9.6 min at ~88 img/s, with dropout 0.1 0.157 in 12.1 min (2026-12-02)."""
   m = config.model
   m.num_classes = 5
   m.backbone.update(depth=18, base_width=16, out_indices=(2,), frozen_stages=1, norm_eval=True,
@@ -77,7 +78,8 @@ def _smoke(config):
   d.workers_per_gpu = 1
   d.max_gt = 12                     # = num_queries (the data has at most 6 per image)
   d.val.samples_per_gpu = 8
-  epochs = 24                       # 48,000 images: 9.6 min at ~85 img/s (experiments/README.md)
+  config.cpu_devices = 2
+  epochs = 24                       # 48,000 images: 7.1 min at ~125 img/s (experiments/README.md)
   config.optimizer.update(base_lr=4e-4, base_batch=8)
   config.schedule.update(epochs=epochs, milestones=(22,))   # lr x0.1 for the last 2 epochs
   config.workflow = (('train', 1),)

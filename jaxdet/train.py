@@ -40,6 +40,7 @@ from jaxdet.data.sources import build_source, check_num_classes
 from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
 from jaxdet.engine import logging as jd_logging
+from jaxdet.engine.cpu_devices import request_cpu_devices, split_batch
 from jaxdet.engine.optimizer import lr_scaling_line, scaled_lr
 from jaxdet.engine.resume import remap_to_global_batch
 from jaxdet.engine.save_cadence import Cadence, position, resume_line
@@ -171,7 +172,10 @@ def train_and_evaluate(config, work_dir):
   os.makedirs(work_dir, exist_ok=True)
   jd_logging.setup_logging(work_dir)
   evaluation.enable_compilation_cache()  # val / predict programs (one per test shape) kept
-  config_cli.save_config(config, os.path.join(work_dir, 'config.json'))
+  config_cli.save_config(config, os.path.join(work_dir, 'config.json'))  # as given
+  config, split_message = split_batch(config)  # config.cpu_devices
+  if split_message:
+    log.info(split_message)
   num_devices = jax.local_device_count()
   resuming = bool(ckpt.complete_steps(os.path.join(work_dir, 'checkpoints')))
   # ImageNet weights only for a fresh start (a resume or load_from overwrites them); a missing
@@ -339,6 +343,7 @@ def main(argv=None):
       sys.argv[1:] if argv is None else argv, known_flags=('workdir',) + DISTRIBUTED_FLAGS,
       usage=USAGE)
   config = config_cli.load_config(spec, overrides)
+  request_cpu_devices(config)  # before JAX starts its backends
   if config.distributed or any(flags.get(name) is not None for name in DISTRIBUTED_FLAGS):
     initialize_distributed(flags)
   work_dir = flags.get('workdir') or config.work_dir

@@ -67,7 +67,8 @@ def _argv(cache, work_dir, devices):
           '--config.log_interval=1', '--config.eval_interval=100',
           "--config.workflow=(('train',1),)", '--config.max_steps=11',
           '--config.checkpoint_interval=1', '--config.checkpoint_every_steps=4',
-          '--config.checkpoint_every_minutes=0', '--config.max_to_keep=3'] + two
+          '--config.checkpoint_every_minutes=0', '--config.max_to_keep=3',
+          '--config.cpu_devices=1'] + two
 
 
 def _child(devices, slow_step, runs):

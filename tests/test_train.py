@@ -26,7 +26,8 @@ def tiny_overrides(cache_dir):
           '--config.data.val.samples_per_gpu=4', '--config.data.workers_per_gpu=0',
           '--config.data.max_gt=8', '--config.schedule.warmup_iters=2',
           '--config.log_interval=1', '--config.eval_interval=100',
-          '--config.checkpoint_interval=100', "--config.workflow=(('train',1),('val',1))"]
+          '--config.checkpoint_interval=100', "--config.workflow=(('train',1),('val',1))",
+          '--config.cpu_devices=1']
 
 
 @pytest.fixture(scope='session')

@@ -28,4 +28,6 @@ def get_config():
       dtype='float32',            # 'bfloat16' computes in bf16 with float32 params and losses
       load_from='',               # a jaxdet checkpoint to fine-tune from (not a resume)
       distributed=False,          # multi-host: call jax.distributed.initialize() first
+      cpu_devices=1,              # on a CPU host: split it into N XLA devices, samples_per_gpu
+                                  # shared among them (jaxdet/engine/cpu_devices.py)
   ))
