@@ -5,6 +5,8 @@ torchvision's RetinaNet / FCOS R50-FPN in the same process.
   python experiments/bench_train.py --size 512 512 --batch 2                 # CPU, ATSS (issue 5)
   python experiments/bench_train.py --config configs/retinanet.py configs/fcos.py \
       --size 512 512 --batch 2 --torchvision RetinaNet FCOS                 # CPU (issue 6)
+  python experiments/bench_train.py --config configs/retinanet.py configs/fcos.py \
+      --size 512 512 --batch 2 --cpu-devices 2 --torchvision RetinaNet FCOS # CPU split (issue 20)
   python experiments/bench_train.py --config configs/ssd300.py --size 300 300 --batch 2 \
       --steps 2 --lr 1e-5 --torchvision SSD300                              # CPU (issue 17)
   python experiments/bench_train.py --config configs/ssd512.py --size 512 512 --batch 2 \
@@ -65,10 +67,11 @@ def bench_jaxdet(args, spec):
   state, tx = train_state.create_train_state(det, config, (1, h, w, 3), sched)
   init_s = time.time() - t
   state = train_state.replicate(state)
+  n = jax.local_device_count()   # 1, or --cpu-devices
   step = jax.pmap(functools.partial(steps.train_step, detector=det, tx=tx, pipeline=pipeline,
                                     dtype=compute_dtype(args.dtype)),
-                  axis_name=steps.AXIS, devices=jax.local_devices()[:1], donate_argnums=(0,))
-  batch = random_batch(args.batch, h, w)
+                  axis_name=steps.AXIS, devices=jax.local_devices()[:n], donate_argnums=(0,))
+  batch = {k: v.reshape((n, -1) + v.shape[2:]) for k, v in random_batch(args.batch, h, w).items()}
   t = time.time()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -83,7 +86,8 @@ def bench_jaxdet(args, spec):
   sec = (time.time() - t) / args.steps
   loss = float(metrics['loss'][0])
   name = os.path.splitext(os.path.basename(spec))[0]
-  print(f'jaxdet {name} train {h}x{w} b{args.batch} {args.dtype} on {jax.devices()[0].platform}: '
+  where = jax.devices()[0].platform + (f' ({n} devices)' if n > 1 else '')
+  print(f'jaxdet {name} train {h}x{w} b{args.batch} {args.dtype} on {where}: '
         f'{args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, compile {compile_s:.1f} s '
         f'(init {init_s:.1f} s), peak mem {peak_memory_gb():.2f} GB, loss {loss:.3f}', flush=True)
 
@@ -160,9 +164,15 @@ def main():
                  help='fixed SGD lr of both sides (SSD from random init, plain VGG16 without warmup, diverges at 1e-3)')
   p.add_argument('--torchvision', nargs='*', default=None,
                  help='also time torchvision models (RetinaNet, FCOS, SSD300; default: RetinaNet)')
-  p.add_argument('--device', default='cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')
+  p.add_argument('--device', default=None, help="torch's device (default: cuda on a GPU host)")
+  p.add_argument('--cpu-devices', type=int, default=1,
+                 help="jaxdet on the CPU split into N XLA devices, batch / N images each "
+                      "(jaxdet's config.cpu_devices)")
   p.add_argument('--skip-jaxdet', action='store_true')
   args = p.parse_args()
+  if args.cpu_devices > 1:   # before JAX starts its backends
+    jax.config.update('jax_num_cpu_devices', args.cpu_devices)
+  args.device = args.device or ('cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')
   if not args.skip_jaxdet:
     for spec in args.config:
       bench_jaxdet(args, os.path.join(ROOT, spec) if not os.path.isabs(spec) else spec)
