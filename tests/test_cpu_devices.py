@@ -70,3 +70,17 @@ def test_bad_values_are_one_line_errors(cpu_devices):
     with pytest.raises(ConfigError, match=r'^cpu_devices: must be an integer >= 1, got') as err:
       fn(_config(cpu_devices))
     assert '\n' not in str(err.value)
+
+
+def test_the_train_command_requests_the_devices(tmp_path):
+  """`python -m jaxdet.train` asks for the devices before JAX starts: the batch check, which only
+  runs on a CPU split into exactly `cpu_devices` devices, then stops it with one line."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-m', 'jaxdet.train', '--config', 'configs/atss.py:smoke',
+                        '--workdir', str(tmp_path / 'run'), '--config.cpu_devices=2',
+                        '--config.data.samples_per_gpu=3'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip() == ('error: cpu_devices=2: data.samples_per_gpu=3 must be a multiple '
+                                'of it (each of the 2 CPU devices takes an equal share)')
