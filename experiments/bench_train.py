@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdet.engine import config_cli, steps, train_state  # noqa: E402
+from jaxdet.engine.xla_cpu_flags import set_xla_cpu_flags  # noqa: E402
 from jaxdet.models.detectors import build_detector, compute_dtype  # noqa: E402
 
 
@@ -169,7 +170,11 @@ def main():
                  help="jaxdet on the CPU split into N XLA devices, batch / N images each "
                       "(jaxdet's config.cpu_devices)")
   p.add_argument('--skip-jaxdet', action='store_true')
+  p.add_argument('--xla-defaults', action='store_true',
+                 help="XLA:CPU's own defaults instead of jaxdet's flags (jaxdet/engine/xla_cpu_flags.py)")
   args = p.parse_args()
+  if not args.xla_defaults:  # before JAX starts its backends, as python -m jaxdet.train
+    set_xla_cpu_flags()
   if args.cpu_devices > 1:   # before JAX starts its backends
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
   args.device = args.device or ('cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')

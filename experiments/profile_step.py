@@ -29,6 +29,7 @@ import jax  # noqa: E402
 
 from bench_train import random_batch  # noqa: E402
 from jaxdet.engine import config_cli, steps, train_state  # noqa: E402
+from jaxdet.engine.xla_cpu_flags import set_xla_cpu_flags  # noqa: E402
 from jaxdet.models.detectors import build_detector, compute_dtype  # noqa: E402
 
 
@@ -83,7 +84,11 @@ def main():
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--top', type=int, default=25)
+  p.add_argument('--xla-defaults', action='store_true',
+                 help="XLA:CPU's own defaults instead of jaxdet's flags (jaxdet/engine/xla_cpu_flags.py)")
   args = p.parse_args()
+  if not args.xla_defaults:
+    set_xla_cpu_flags()
   step, state, batch = compile_step(args.config, args.size, args.batch)
   hlo = step.lower(state, batch).compile().as_text()
   op_names = dict(re.findall(r'%(\S+) = [^\n]*?op_name="([^"]*)"', hlo))

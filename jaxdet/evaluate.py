@@ -16,6 +16,7 @@ from jaxdet.data import loader as data_loader
 from jaxdet.data.sources import build_source, check_num_classes
 from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
+from jaxdet.engine.xla_cpu_flags import set_xla_cpu_flags
 from jaxdet.engine.steps import AXIS, predict_step
 from jaxdet.engine.train_state import replicate
 from jaxdet.inference import check_variables
@@ -35,6 +36,7 @@ USAGE = config_cli.Usage(
 
 
 def main(argv=None):
+  set_xla_cpu_flags()  # before JAX starts its backends
   argv = list(sys.argv[1:] if argv is None else argv)
   spec, overrides, flags = config_cli.parse_args(argv, known_flags=('checkpoint', 'out'),
                                                  usage=USAGE)

@@ -35,6 +35,7 @@ from PIL import Image
 
 from jaxdet.data.sources import DataError
 from jaxdet.engine import config_cli
+from jaxdet.engine.xla_cpu_flags import set_xla_cpu_flags
 
 FLAGS = ('checkpoint', 'out', 'out_json', 'score_thr', 'batch_size', 'skip_bad_images')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
@@ -131,6 +132,7 @@ USAGE = config_cli.Usage(
 
 
 def main(argv=None):
+  set_xla_cpu_flags()  # before JAX starts its backends
   argv = list(sys.argv[1:] if argv is None else argv)
   spec, overrides, flags = config_cli.parse_args(argv, known_flags=FLAGS,
                                                  bool_flags=('skip_bad_images',),

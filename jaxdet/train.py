@@ -41,6 +41,7 @@ from jaxdet.engine import checkpoint as ckpt
 from jaxdet.engine import config_cli
 from jaxdet.engine import logging as jd_logging
 from jaxdet.engine.cpu_devices import request_cpu_devices, split_batch
+from jaxdet.engine.xla_cpu_flags import set_xla_cpu_flags
 from jaxdet.engine.optimizer import lr_scaling_line, scaled_lr
 from jaxdet.engine.resume import remap_to_global_batch
 from jaxdet.engine.save_cadence import Cadence, position, resume_line
@@ -343,7 +344,8 @@ def main(argv=None):
       sys.argv[1:] if argv is None else argv, known_flags=('workdir',) + DISTRIBUTED_FLAGS,
       usage=USAGE)
   config = config_cli.load_config(spec, overrides)
-  request_cpu_devices(config)  # before JAX starts its backends
+  set_xla_cpu_flags()  # these two before JAX starts its backends
+  request_cpu_devices(config)
   if config.distributed or any(flags.get(name) is not None for name in DISTRIBUTED_FLAGS):
     initialize_distributed(flags)
   work_dir = flags.get('workdir') or config.work_dir

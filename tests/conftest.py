@@ -8,6 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "jaxdet-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The XLA:CPU flags that jaxdet's commands run with (jaxdet/engine/xla_cpu_flags.py), for this
+# process and the commands it starts: tests see the numbers users get.
+from jaxdet.engine.xla_cpu_flags import set_xla_cpu_flags  # noqa: E402
+
+set_xla_cpu_flags()
 
 
 import logging  # noqa: E402

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.registry import BACKBONES, Part
 from jaxdet.ops.pooling import max_pool2d
 
@@ -34,8 +35,8 @@ _STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 
 def conv(features, kernel, stride=1, name=None, dtype=None):
   """A bias-free conv with PyTorch padding (kernel // 2 on every side)."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, name=name, dtype=dtype)
+  return Conv(features, (kernel, kernel), strides=(stride, stride),
+              padding=((pad, pad), (pad, pad)), use_bias=False, name=name, dtype=dtype)
 
 
 class BasicBlock(nn.Module):

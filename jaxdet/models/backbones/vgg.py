@@ -25,6 +25,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.registry import BACKBONES, Part
 from jaxdet.ops.pooling import max_pool2d
 
@@ -69,9 +70,9 @@ class SSDVGG(nn.Module):
 
     def conv_relu(x, features, kernel=3, padding=1, dilation=1, bn=False):
       nonlocal index
-      x = nn.Conv(features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
-                  kernel_dilation=(dilation, dilation), kernel_init=_kaiming,
-                  name=f'features_{index}', dtype=self.dtype)(x)
+      x = Conv(features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
+               kernel_dilation=(dilation, dilation), kernel_init=_kaiming,
+               name=f'features_{index}', dtype=self.dtype)(x)
       index += 1
       if bn:
         x = nn.BatchNorm(use_running_average=self.norm_eval or not train, momentum=0.9,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdet.models.heads.head import image_valid
+from jaxdet.models.layers.conv import Conv
 from jaxdet.priors import valid_flags
 
 _normal_init = nn.initializers.normal(stddev=0.01)
@@ -93,8 +94,8 @@ class Scale(nn.Module):
 
 
 def _conv3x3(features, name, use_bias=True, bias_init=nn.initializers.zeros, dtype=None):
-  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias, name=name,
-                 kernel_init=_normal_init, bias_init=bias_init, dtype=dtype)
+  return Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias, name=name,
+              kernel_init=_normal_init, bias_init=bias_init, dtype=dtype)
 
 
 class DenseHead(nn.Module):

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jaxdet.models.heads.dense_head import Scale
 from jaxdet.models.heads.fcos_head import fcos_loss, fcos_predict
 from jaxdet.models.heads.head import Head
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.layers.deform_conv_group import DeformConvWeights, grouped_deform_conv
 from jaxdet.models.registry import HEADS
 
@@ -70,9 +71,9 @@ class NASFCOSHead(nn.Module):
           conv = DeformConvWeights(self.feat_channels, chn, k, self.deform_groups,
                                    use_bias=True, dtype=self.dtype, name=f'{prefix}_convs_{i}')
         else:
-          conv = nn.Conv(self.feat_channels, (k, k), padding=((k // 2,) * 2,) * 2,
-                         use_bias=False, kernel_init=caffe2_xavier, dtype=self.dtype,
-                         name=f'{prefix}_convs_{i}')
+          conv = Conv(self.feat_channels, (k, k), padding=((k // 2,) * 2,) * 2,
+                      use_bias=False, kernel_init=caffe2_xavier, dtype=self.dtype,
+                      name=f'{prefix}_convs_{i}')
         convs.append(conv)
         gns.append(nn.GroupNorm(self.gn_groups, epsilon=1e-5, dtype=self.dtype,
                                 name=f'{prefix}_gns_{i}'))
@@ -80,7 +81,7 @@ class NASFCOSHead(nn.Module):
 
     self.cls_tower = tower('cls')
     self.reg_tower = tower('reg')
-    out_conv = lambda n, name, bias_init=nn.initializers.zeros: nn.Conv(
+    out_conv = lambda n, name, bias_init=nn.initializers.zeros: Conv(
         n, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_normal_init, bias_init=bias_init,
         dtype=self.dtype, name=name)
     bias_cls = -math.log((1 - self.prior_prob) / self.prior_prob)

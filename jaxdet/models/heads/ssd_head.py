@@ -37,6 +37,7 @@ from jaxdet.assigners.max_iou import max_iou_assign
 from jaxdet.models.heads.dense_head import anchor_targets, assigned_gt_boxes
 from jaxdet.models.heads.head import Head
 from jaxdet.models.heads.levels import featmap_sizes_of, flatten_levels
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.postprocess import predict_batch
 from jaxdet.models.registry import HEADS
 from jaxdet.ops.coders import delta_decode, delta_encode
@@ -63,8 +64,8 @@ class SSDHeadModule(nn.Module):
                        f'but the neck gives {len(feats)} maps')
     cls_out, reg_out = [], []
     for i, (x, nb) in enumerate(zip(feats, self.num_base_priors)):
-      conv = lambda width, name: nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)),
-                                         kernel_init=_xavier, name=name, dtype=self.dtype)
+      conv = lambda width, name: Conv(width, (3, 3), padding=((1, 1), (1, 1)),
+                                      kernel_init=_xavier, name=name, dtype=self.dtype)
       cls_out.append(conv(nb * (self.num_classes + 1), f'cls_convs_{i}')(x))
       reg_out.append(conv(nb * 4, f'reg_convs_{i}')(x))
     return tuple(cls_out), tuple(reg_out)

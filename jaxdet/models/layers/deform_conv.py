@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdet.models.layers.conv import Conv
 from jaxdet.ops.deform_conv import deform_conv2d
 
 IntPair = Union[int, Sequence[int]]
@@ -87,11 +88,11 @@ class ModulatedDeformConv2dPack(nn.Module):
       raise ValueError(f"groups={self.groups} must divide the input channels {cin}")
     k = kh * kw
     dg = self.deform_groups
-    out = nn.Conv(dg * k * 3, (kh, kw), strides=_pair(self.strides),
-                  padding=((ph, ph), (pw, pw)), kernel_dilation=_pair(self.dilation),
-                  use_bias=True, kernel_init=nn.initializers.zeros,
-                  bias_init=nn.initializers.zeros, precision=self.precision, dtype=self.dtype,
-                  name="conv_offset")(x)
+    out = Conv(dg * k * 3, (kh, kw), strides=_pair(self.strides),
+               padding=((ph, ph), (pw, pw)), kernel_dilation=_pair(self.dilation),
+               use_bias=True, kernel_init=nn.initializers.zeros,
+               bias_init=nn.initializers.zeros, precision=self.precision, dtype=self.dtype,
+               name="conv_offset")(x)
     # mmcv: o1, o2, mask = chunk(out, 3); offset = cat(o1, o2); mask = sigmoid(mask).
     offset, mask = out[..., :2 * dg * k], jax.nn.sigmoid(out[..., 2 * dg * k:])
 

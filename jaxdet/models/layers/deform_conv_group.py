@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.layers.deform_conv import mmcv_uniform_init
 from jaxdet.ops.deform_conv import deform_conv2d
 
@@ -37,9 +38,9 @@ class DeformConvWeights(nn.Module):
 
   def setup(self):
     k, p = self.kernel_size, self.kernel_size // 2
-    self.conv_offset = nn.Conv(self.deform_groups * k * k * 3, (k, k), padding=((p, p), (p, p)),
-                               kernel_init=nn.initializers.zeros,
-                               bias_init=nn.initializers.zeros, dtype=self.dtype)
+    self.conv_offset = Conv(self.deform_groups * k * k * 3, (k, k), padding=((p, p), (p, p)),
+                            kernel_init=nn.initializers.zeros,
+                            bias_init=nn.initializers.zeros, dtype=self.dtype)
     self.kernel = self.param('kernel', mmcv_uniform_init(self.in_features * k * k),
                              (k, k, self.in_features, self.features))
     if self.use_bias:

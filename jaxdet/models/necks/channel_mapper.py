@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.registry import NECKS, Part
 
 
@@ -25,9 +26,9 @@ class ChannelMapper(nn.Module):
     del train  # no norm / dropout
     k, pad = self.kernel_size, self.kernel_size // 2
     return tuple(
-        nn.Conv(self.out_channels, (k, k), padding=((pad, pad), (pad, pad)), use_bias=True,
-                kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-                dtype=self.dtype, name=f'convs_{i}')(x)
+        Conv(self.out_channels, (k, k), padding=((pad, pad), (pad, pad)), use_bias=True,
+             kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
+             dtype=self.dtype, name=f'convs_{i}')(x)
         for i, x in enumerate(feats))
 
 

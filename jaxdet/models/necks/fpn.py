@@ -10,14 +10,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.registry import NECKS, Part
 
 
 def _conv(features, kernel, stride=1, name=None, dtype=None):
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), name=name, dtype=dtype,
-                 kernel_init=nn.initializers.xavier_uniform())
+  return Conv(features, (kernel, kernel), strides=(stride, stride),
+              padding=((pad, pad), (pad, pad)), name=name, dtype=dtype,
+              kernel_init=nn.initializers.xavier_uniform())
 
 
 def _upsample_nearest(x, shape_hw):

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.layers.deform_conv_group import DeformConvWeights, grouped_deform_conv
 from jaxdet.models.registry import NECKS, Part
 
@@ -155,8 +156,8 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     p = self.kernel_size // 2
-    x = nn.Conv(self.features, (self.kernel_size,) * 2, padding=((p, p), (p, p)),
-                use_bias=False, kernel_init=caffe2_xavier, dtype=self.dtype, name='conv')(x)
+    x = Conv(self.features, (self.kernel_size,) * 2, padding=((p, p), (p, p)),
+             use_bias=False, kernel_init=caffe2_xavier, dtype=self.dtype, name='conv')(x)
     return nn.relu(BatchNorm(dtype=self.dtype, name='bn')(x, train))
 
 
@@ -300,9 +301,9 @@ class NASFCOS_FPN(nn.Module):  # pylint: disable=invalid-name  (mmdetection's na
       outs.append(resize_bilinear(summed, inputs[input_idx].shape[1:3]))
     for i in range(self.num_outs - 3):
       x = outs[-1] if i == 0 else nn.relu(outs[-1])
-      outs.append(nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                          kernel_init=caffe2_xavier, dtype=self.dtype,
-                          name=f'extra_downsamples_{i}')(x))
+      outs.append(Conv(self.out_channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                       kernel_init=caffe2_xavier, dtype=self.dtype,
+                       name=f'extra_downsamples_{i}')(x))
     return tuple(outs)
 
 

@@ -21,6 +21,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdet.models.layers.conv import Conv
 from jaxdet.models.registry import NECKS, Part
 
 TORCH_NAMES = (
@@ -75,9 +76,9 @@ class SSDNeck(nn.Module):
     with_bn = self.norm == 'bn'
 
     def conv_act(x, width, kernel, stride, pad, name):
-      x = nn.Conv(width, (kernel, kernel), strides=(stride, stride),
-                  padding=((pad, pad), (pad, pad)), use_bias=not with_bn, kernel_init=_xavier,
-                  name=name, dtype=self.dtype)(x)
+      x = Conv(width, (kernel, kernel), strides=(stride, stride),
+               padding=((pad, pad), (pad, pad)), use_bias=not with_bn, kernel_init=_xavier,
+               name=name, dtype=self.dtype)(x)
       if with_bn:
         x = nn.BatchNorm(use_running_average=self.norm_eval or not train, momentum=0.9,
                          epsilon=1e-5, name=f'{name}_bn', dtype=self.dtype)(x)
