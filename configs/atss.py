@@ -17,9 +17,9 @@ An mmdetection ATSS checkpoint converts to a jaxdet one (see jaxdet/convert.py):
       --out work_dirs/atss_r50_mmdet
   python -m jaxdet.evaluate --config configs/atss.py --checkpoint work_dirs/atss_r50_mmdet ...
 Smoke (the same detector, small, on the built-in shapes dataset, no pretrained weights): on the
-idle 2-core CPU 3.7 min from the command's start (dataset cached) to mAP 0.548 (AP50 0.728),
-2026-12-03 (a cold compilation cache adds ~20 s, the dataset's first generation more; the
-shared machine runs up to ~1.4x slower on some days):
+idle 2-core CPU 3.4 min from the command's start (dataset cached, compilation cache cold) to
+mAP 0.540 (AP50 0.718), 2026-12-03 (the dataset's first generation adds more; the shared
+machine runs up to ~1.4x slower on some days):
   python -m jaxdet.train --config configs/atss.py:smoke
 """
 from configs._base_ import atss_r50_fpn, data, optimizer, runtime, schedule_1x, smoke
@@ -47,8 +47,8 @@ def _smoke(config):
   """The same modules, assigner, losses and post-processing, sized for a 2-core CPU
   (`atss_r50_fpn.small`, `smoke.run_size`): batch 16 at lr 0.02, 7 epochs (875 steps, x0.1 at
   5 and 6). On a CPU host the 16 images of a step go to 2 XLA devices, 8 each
-  (`config.cpu_devices`, jaxdet/engine/cpu_devices.py): ~20% more images per second on 2
-  cores, same global batch and lr; the backbone's BN statistics are per 8 images. Probes:
+  (`config.cpu_devices`, jaxdet/engine/cpu_devices.py): 8% more images per second on 2
+  cores (20% with XLA's default flags), same global batch and lr; the backbone's BN statistics are per 8 images. Probes:
   experiments/README.md."""
   atss_r50_fpn.small(config.model)
   smoke.run_size(config, name='atss', network='ATSS', epochs=7, milestones=(5, 6))

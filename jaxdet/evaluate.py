@@ -36,13 +36,13 @@ USAGE = config_cli.Usage(
 
 
 def main(argv=None):
-  set_xla_cpu_flags()  # before JAX starts its backends
   argv = list(sys.argv[1:] if argv is None else argv)
   spec, overrides, flags = config_cli.parse_args(argv, known_flags=('checkpoint', 'out'),
                                                  usage=USAGE)
   if not flags.get('checkpoint'):
     raise ValueError('--checkpoint DIR is required (a work_dir or its checkpoints folder)')
   config = config_cli.load_config(spec, overrides)
+  set_xla_cpu_flags(config)  # before JAX starts its backends
   variables, directory, step = ckpt.load_variables(flags['checkpoint'])
   source = build_source(config.data, 'val')
   check_num_classes(config.model.num_classes, source)

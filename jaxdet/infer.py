@@ -132,7 +132,6 @@ USAGE = config_cli.Usage(
 
 
 def main(argv=None):
-  set_xla_cpu_flags()  # before JAX starts its backends
   argv = list(sys.argv[1:] if argv is None else argv)
   spec, overrides, flags = config_cli.parse_args(argv, known_flags=FLAGS,
                                                  bool_flags=('skip_bad_images',),
@@ -160,6 +159,7 @@ def main(argv=None):
                        'another output folder')
   readable = [_check_readable(p, skip) for p in paths]   # before the model: fail fast
   config = config_cli.load_config(spec, overrides)
+  set_xla_cpu_flags(config)  # before JAX starts its backends
   # pylint: disable-next=import-outside-toplevel
   from jaxdet.inference import Detector, as_rgb_array, draw_detections
   detector = Detector.from_checkpoint(config, flags['checkpoint'], score_thr=score_thr,

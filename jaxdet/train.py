@@ -344,7 +344,7 @@ def main(argv=None):
       sys.argv[1:] if argv is None else argv, known_flags=('workdir',) + DISTRIBUTED_FLAGS,
       usage=USAGE)
   config = config_cli.load_config(spec, overrides)
-  set_xla_cpu_flags()  # these two before JAX starts its backends
+  set_xla_cpu_flags(config)  # these two before JAX starts its backends
   request_cpu_devices(config)
   if config.distributed or any(flags.get(name) is not None for name in DISTRIBUTED_FLAGS):
     initialize_distributed(flags)

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxdet.engine import xla_cpu_flags
+from jaxdet import train
+from jaxdet.engine import config_cli, xla_cpu_flags
 from jaxdet.models.layers import Conv
 from jaxdet.ops.conv import conv_general_dilated, kernel_grad_by_products
 
 DN = ('NHWC', 'HWIO', 'NHWC')
+ATSS_SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          'configs', 'atss.py') + ':smoke'
 
 
 def kernel_grad_float64(x, g, kernel_size, strides, pads, dilation):
@@ -111,21 +114,37 @@ def test_conv_module_is_nn_conv_with_the_same_parameters_and_value():
 
 def test_set_xla_cpu_flags_adds_missing_flags_and_keeps_the_users():
   env = {}
-  assert xla_cpu_flags.set_xla_cpu_flags(env) == xla_cpu_flags.FLAGS
+  assert xla_cpu_flags.set_xla_cpu_flags(environ=env) == xla_cpu_flags.FLAGS
   assert env['XLA_FLAGS'].split() == list(xla_cpu_flags.FLAGS)
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
                       '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'}
-  assert xla_cpu_flags.set_xla_cpu_flags(env) == xla_cpu_flags.FLAGS[1:]
+  assert xla_cpu_flags.set_xla_cpu_flags(environ=env) == xla_cpu_flags.FLAGS[1:]
   assert env['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=2',
                                       '--xla_cpu_experimental_ynn_fusion_type=individual_convolution',
                                       *xla_cpu_flags.FLAGS[1:]]
-  assert xla_cpu_flags.set_xla_cpu_flags(env) == ()   # all set: nothing added twice
+  assert xla_cpu_flags.set_xla_cpu_flags(environ=env) == ()   # all set: nothing added twice
+
+
+def test_config_chooses_the_flags_and_a_bad_value_is_a_one_line_error():
+  config = config_cli.load_config(ATSS_SMOKE)
+  assert tuple(config.xla_cpu_flags.split()) == xla_cpu_flags.FLAGS   # the runtime default
+  env = {}
+  config.xla_cpu_flags = ''                                          # XLA's own defaults
+  assert xla_cpu_flags.set_xla_cpu_flags(config, env) == () and env == {}
+  config.xla_cpu_flags = '--xla_cpu_use_xnnpack=true'
+  assert xla_cpu_flags.set_xla_cpu_flags(config, env) == ('--xla_cpu_use_xnnpack=true',)
+  for bad in ('xla_cpu_use_xnnpack=true', '--xla_gpu_autotune_level=0', '--xla_cpu_no_value'):
+    config.xla_cpu_flags = bad
+    with pytest.raises(config_cli.ConfigError, match='xla_cpu_flags: expected'):
+      xla_cpu_flags.set_xla_cpu_flags(config, {})
+  with pytest.raises(config_cli.ConfigError, match='xla_cpu_flags'):   # the command, first thing
+    train.main(['--config', ATSS_SMOKE, '--config.xla_cpu_flags=--xla_cpu_oops'])
 
 
 def test_set_xla_cpu_flags_leaves_an_unknown_jaxlib_alone(monkeypatch):
   monkeypatch.setattr(jaxlib, '__version__', '9.0.0')
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  assert xla_cpu_flags.set_xla_cpu_flags(env) == ()
+  assert xla_cpu_flags.set_xla_cpu_flags(environ=env) == ()
   assert env == {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
 
 

@@ -30,4 +30,8 @@ def get_config():
       distributed=False,          # multi-host: call jax.distributed.initialize() first
       cpu_devices=1,              # on a CPU host: split it into N XLA devices, samples_per_gpu
                                   # shared among them (jaxdet/engine/cpu_devices.py)
+      # XLA:CPU flags the commands add to XLA_FLAGS before JAX starts ('' for XLA's defaults;
+      # jaxdet/engine/xla_cpu_flags.py)
+      xla_cpu_flags=('--xla_cpu_experimental_ynn_fusion_type=reduce '
+                     '--xla_cpu_enable_concurrency_optimized_scheduler=false'),
   ))
