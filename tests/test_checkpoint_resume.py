@@ -29,6 +29,8 @@ CHILD = textwrap.dedent('''
     os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     os.environ['JAX_PLATFORMS'] = 'cpu'
     sys.path.insert(0, sys.argv[1])
+    from jaxdet.engine.xla_cpu_flags import set_xla_cpu_flags
+    set_xla_cpu_flags()  # as the command and the tests' conftest: before JAX starts below
     if slow_step:
         from orbax.checkpoint._src.path import atomicity
         finalize = atomicity.AtomicRenameTemporaryPath.finalize
