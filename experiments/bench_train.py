@@ -57,7 +57,8 @@ def random_batch(batch, height, width, num_boxes=10, max_gt=16, seed=0):
   return {k: v[None] for k, v in b.items()}  # leading device axis of 1
 
 
-def bench_jaxdet(args, spec):
+def make_jaxdet(args, spec):
+  """Compile a jaxdet training step; returns (label, one_step: () -> None, blocking)."""
   config = config_cli.load_config(spec)
   config.model.backbone.pretrained = ''   # random init
   pipeline = config.data.pipeline
@@ -73,27 +74,41 @@ def bench_jaxdet(args, spec):
                                     dtype=compute_dtype(args.dtype)),
                   axis_name=steps.AXIS, devices=jax.local_devices()[:n], donate_argnums=(0,))
   batch = {k: v.reshape((n, -1) + v.shape[2:]) for k, v in random_batch(args.batch, h, w).items()}
+  box = {}
+
+  def one():
+    box['state'], box['metrics'] = step(box.get('state', state), batch)
+    jax.block_until_ready(box['metrics'])
+
   t = time.time()
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
+  one()
   compile_s = time.time() - t
-  for _ in range(args.warmup):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  t = time.time()
-  for _ in range(args.steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  sec = (time.time() - t) / args.steps
-  loss = float(metrics['loss'][0])
   name = os.path.splitext(os.path.basename(spec))[0]
   where = jax.devices()[0].platform + (f' ({n} devices)' if n > 1 else '')
-  print(f'jaxdet {name} train {h}x{w} b{args.batch} {args.dtype} on {where}: '
-        f'{args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, compile {compile_s:.1f} s '
-        f'(init {init_s:.1f} s), peak mem {peak_memory_gb():.2f} GB, loss {loss:.3f}', flush=True)
+  label = f'jaxdet {name} train {h}x{w} b{args.batch} {args.dtype} on {where}'
+  extra = lambda: (f'compile {compile_s:.1f} s (init {init_s:.1f} s), peak mem '
+                   f'{peak_memory_gb():.2f} GB, loss {float(box["metrics"]["loss"][0]):.3f}')
+  return label, one, extra
 
 
-def bench_torchvision(args, name):
+def bench_jaxdet(args, spec):
+  label, one, extra = make_jaxdet(args, spec)
+  for _ in range(args.warmup):
+    one()
+  sec = timed(one, args.steps)
+  print(f'{label}: {args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, {extra()}', flush=True)
+
+
+def timed(one, n):
+  """Mean seconds of n calls of one()."""
+  t = time.time()
+  for _ in range(n):
+    one()
+  return (time.time() - t) / n
+
+
+def make_torchvision(args, name):
+  """Build a torchvision detector and its SGD step; returns (label, one_step, extra)."""
   import torch
   import torchvision
   from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
@@ -135,21 +150,48 @@ def bench_torchvision(args, name):
     return loss
 
   sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-  for _ in range(args.warmup + 1):
+
+  def one_synced():
     one()
-  sync()
+    sync()
+
+  one_synced()
   if dev.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
-  t = time.time()
-  for _ in range(args.steps):
+  label = f'torchvision {name} {arch} train {h}x{w} b{args.batch} {args.dtype} on {dev.type}'
+  extra = lambda: 'peak mem %.2f GB' % (
+      torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda'
+      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  return label, one_synced, extra
+
+
+def bench_torchvision(args, name):
+  label, one, extra = make_torchvision(args, name)
+  for _ in range(args.warmup):
     one()
-  sync()
-  sec = (time.time() - t) / args.steps
-  mem = (torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda'
-         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  print(f'torchvision {name} {arch} train {h}x{w} b{args.batch} {args.dtype} on {dev.type}: '
-        f'{args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, peak mem {mem:.2f} GB',
-        flush=True)
+  sec = timed(one, args.steps)
+  print(f'{label}: {args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, {extra()}', flush=True)
+
+
+def bench_interleaved(args, spec, name):
+  """jaxdet's and torchvision's steps alternately, one of each per round, so that the machine's
+  drifting speed (~10% within minutes on a shared 2-core host) hits both alike; prints the
+  median ms of each and the median of the per-round ratios torchvision / jaxdet."""
+  sides = [make_jaxdet(args, spec), make_torchvision(args, name)]
+  for _, one, _ in sides:
+    for _ in range(args.warmup):
+      one()
+  ms = [[], []]
+  for _ in range(args.steps):
+    for i, (_, one, _) in enumerate(sides):
+      ms[i].append(1e3 * timed(one, 1))
+  ratios = np.array(ms[1]) / np.array(ms[0])
+  for (label, _, extra), m in zip(sides, ms):
+    print(f'{label}: median {np.median(m):.1f} ms/step over {args.steps} rounds '
+          f'(min {min(m):.1f}, max {max(m):.1f}), {extra()}', flush=True)
+  print(f'interleaved {os.path.basename(spec)} vs torchvision {name}: torchvision / jaxdet = '
+        f'{np.median(ratios):.3f}x median of {args.steps} rounds (min {ratios.min():.3f}, '
+        f'max {ratios.max():.3f})', flush=True)
 
 
 def main():
@@ -170,17 +212,32 @@ def main():
                  help="jaxdet on the CPU split into N XLA devices, batch / N images each "
                       "(jaxdet's config.cpu_devices)")
   p.add_argument('--skip-jaxdet', action='store_true')
+  p.add_argument('--interleave', action='store_true',
+                 help='alternate each config with the torchvision model of the same position, '
+                      'one step each per round (--steps rounds), and report the median ratio')
   p.add_argument('--xla-defaults', action='store_true',
                  help="XLA:CPU's own defaults instead of jaxdet's flags (jaxdet/engine/xla_cpu_flags.py)")
   args = p.parse_args()
+  args.config = [os.path.join(ROOT, spec) for spec in args.config]   # kept if absolute
   if not args.xla_defaults:  # before JAX starts its backends, as python -m jaxdet.train
-    set_xla_cpu_flags()
+    configs = [config_cli.load_config(spec) for spec in args.config]
+    flags = {c.get('xla_cpu_flags') for c in configs}
+    if len(flags) > 1:
+      p.error(f'the configs set different xla_cpu_flags {flags} (process-wide): bench them in '
+              'separate runs')
+    set_xla_cpu_flags(configs[0])
   if args.cpu_devices > 1:   # before JAX starts its backends
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
   args.device = args.device or ('cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')
+  if args.interleave:
+    if len(args.config) != len(args.torchvision or []):
+      p.error('--interleave pairs each --config with one --torchvision model: give as many of each')
+    for spec, name in zip(args.config, args.torchvision):
+      bench_interleaved(args, spec, name)
+    return
   if not args.skip_jaxdet:
     for spec in args.config:
-      bench_jaxdet(args, os.path.join(ROOT, spec) if not os.path.isabs(spec) else spec)
+      bench_jaxdet(args, spec)
   if args.torchvision is not None:
     for name in args.torchvision or ['RetinaNet']:
       bench_torchvision(args, name)

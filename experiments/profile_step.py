@@ -88,7 +88,7 @@ def main():
                  help="XLA:CPU's own defaults instead of jaxdet's flags (jaxdet/engine/xla_cpu_flags.py)")
   args = p.parse_args()
   if not args.xla_defaults:
-    set_xla_cpu_flags()
+    set_xla_cpu_flags(config_cli.load_config(args.config))  # the config's xla_cpu_flags
   step, state, batch = compile_step(args.config, args.size, args.batch)
   hlo = step.lower(state, batch).compile().as_text()
   op_names = dict(re.findall(r'%(\S+) = [^\n]*?op_name="([^"]*)"', hlo))
@@ -129,7 +129,7 @@ def main():
     print(f'  {kind:22s} {ms:8.1f} ms {100 * ms / total:5.1f}%  x{kind_count[kind]:.0f}')
   print('top ops:')
   for name, ms in per_op.most_common(args.top):
-    print(f'  {name:40s} {ms:8.2f} ms')
+    print(f'  {name:40s} {ms:8.2f} ms  {op_names.get(name, "")[-90:]}')
   print('by module:')
   for name, ms in per_module.most_common(args.top):
     print(f'  {name:50s} {ms:8.1f} ms {100 * ms / total:5.1f}%')

@@ -101,6 +101,26 @@ def test_focal_stable_at_extreme_logits(big):
   np.testing.assert_allclose(grad, want_grad, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.6, 1.5), (0.25, 0.0)])
+def test_focal_int_labels_gradient_equals_float_target_autodiff(alpha, gamma):
+  """The int-label path's closed-form gradient (binary_focal_loss) against autodiff of the
+  float-target formula and a float64 central difference, logits exactly 0 included."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(0, 4, (30, 5)).astype(np.float32)
+  x[:4] = 0.0
+  labels = rng.integers(-1, 6, 30)
+  w = rng.random(30).astype(np.float32)
+  loss = lambda t: (lambda v: L.sigmoid_focal_loss(v, t, w, alpha=alpha, gamma=gamma,
+                                                   avg_factor=7.0))
+  got = jax.jit(jax.grad(loss(labels)))(x)
+  want = jax.jit(jax.grad(loss(onehot(labels, 5).astype(np.float32))))(x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=1e-8)
+  t = onehot(labels, 5)
+  numeric = num_grad(lambda v: (np_focal_stable(v, t, alpha, gamma) * w[:, None]).sum() / 7.0,
+                     x.astype(np.float64), h=1e-6)
+  np.testing.assert_allclose(np.asarray(got), numeric, rtol=1e-4, atol=1e-7)
+
+
 def test_focal_all_background_and_grad():
   x = jnp.zeros((5, 4))
   labels = jnp.full((5,), -1)
