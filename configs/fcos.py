@@ -35,7 +35,9 @@ def get_config(arg=None):
   config.data.samples_per_gpu = 2
   fcos_r50_caffe_fpn_gn.caffe_pipeline(config.data.pipeline)
   config.optimizer = optimizer.sgd(base_lr=0.01, weight_decay=1e-4)  # lr for 16 images
-  config.optimizer.paramwise.update(bias_lr_mult=2.0, bias_decay_mult=0.0)
+  # mmdetection's paramwise_cfg sets no norm_decay_mult: mmengine then gives GN / BN biases
+  # bias_decay_mult (0), their weights the base decay.
+  config.optimizer.paramwise.update(bias_lr_mult=2.0, bias_decay_mult=0.0, norm_decay_mult=None)
   config.optimizer.grad_clip = 35.0
   config.schedule = schedule_1x.get_config()
   config.schedule.update(warmup='constant', warmup_iters=500, warmup_ratio=1.0 / 3)

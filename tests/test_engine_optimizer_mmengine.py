@@ -175,3 +175,54 @@ def test_dcn_rule_is_the_one_of_mmcv_full(mm):
                              'conv_offset': {'kernel': jnp.ones(1), 'bias': jnp.ones(1)}}}}
   label = param_labels(params, None, pw)['head']['dcn']['conv_offset']['bias']
   assert group_multipliers(pw)[label] == (1.0, 1.0)
+
+
+CONFIGS = ['atss.py', 'atss_r101.py', 'retinanet.py', 'fcos.py', 'fcos_mstrain.py', 'nas_fcos.py',
+           'ssd300.py', 'ssd512.py', 'detr.py']
+
+
+@pytest.mark.parametrize('config_file', CONFIGS)
+def test_config_optimizer_is_the_one_of_mmdetection_config(mm, config_file):
+  """Each jaxdet config against mmdetection's own config of the same name (its work_dir):
+  optimizer type, lr, batch of that lr, momentum / betas, weight decay, grad clip, and every
+  parameter's lr and decay from its paramwise rules (mmengine reading mmdetection's
+  paramwise_cfg vs jaxdet's labels from the config's), on the small model above."""
+  import glob
+  import os
+  from jaxdet.engine import config_cli
+  config = config_cli.load_config(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                               config_file))
+  name = os.path.basename(config.work_dir)
+  found = glob.glob(os.path.join(mmdet_compat.mmdet()['configs'], '*', name + '.py'))
+  assert len(found) == 1, (name, found)
+  cfg = mmdet_compat.mmdet()['Config'].fromfile(found[0])
+  wrapper, opt = cfg.optim_wrapper, config.optimizer
+  assert wrapper.optimizer.type.lower() == opt.name
+  assert wrapper.optimizer.lr == pytest.approx(opt.base_lr)
+  assert cfg.auto_scale_lr.base_batch_size == opt.base_batch
+  assert wrapper.optimizer.weight_decay == pytest.approx(opt.weight_decay)
+  if opt.name == 'sgd':
+    assert wrapper.optimizer.momentum == opt.momentum
+  else:
+    assert tuple(wrapper.optimizer.get('betas', (0.9, 0.999))) == tuple(opt.betas)
+  clip = wrapper.get('clip_grad')
+  assert (clip['max_norm'] if clip else None) == opt.grad_clip
+  assert clip is None or clip.get('norm_type', 2) == 2
+
+  model = torch_model(mm)
+  optimizer = mmengine_optimizer(mm, model, dict(type='SGD', momentum=0.9),
+                                 wrapper.get('paramwise_cfg', {}), full_mmcv=True)
+  names = {id(p): n for n, p in model.named_parameters()}
+  torch_groups = {names[id(p)]: (g['lr'], g['weight_decay'])
+                  for g in optimizer.param_groups for p in g['params']}
+  paramwise = opt.paramwise.to_dict()
+  paramwise['custom_keys'] = {k.replace('/', '.'): v for k, v in paramwise['custom_keys'].items()}
+  flat = dict(to_flax(n, p.detach().numpy()) for n, p in model.named_parameters())
+  frozen = nest({to_flax(n, p.detach().numpy())[0]: not p.requires_grad
+                 for n, p in model.named_parameters()})
+  labels = param_labels(nest(flat), frozen, paramwise)
+  mults = group_multipliers(paramwise)
+  for n, p in model.named_parameters():
+    if p.requires_grad:
+      lr_mult, decay_mult = mults[get(labels, to_flax(n, p.detach().numpy())[0])]
+      assert (BASE_LR * lr_mult, BASE_WD * decay_mult) == pytest.approx(torch_groups[n]), n
