@@ -91,8 +91,9 @@ def make_jaxdet(args, spec):
   return label, one, extra
 
 
-def bench_jaxdet(args, spec):
-  label, one, extra = make_jaxdet(args, spec)
+def bench(args, side):
+  """Warm up, time --steps steps of one side (label, one_step, extra) and print its line."""
+  label, one, extra = side
   for _ in range(args.warmup):
     one()
   sec = timed(one, args.steps)
@@ -165,14 +166,6 @@ def make_torchvision(args, name):
   return label, one_synced, extra
 
 
-def bench_torchvision(args, name):
-  label, one, extra = make_torchvision(args, name)
-  for _ in range(args.warmup):
-    one()
-  sec = timed(one, args.steps)
-  print(f'{label}: {args.batch / sec:.2f} img/s, {sec * 1e3:.1f} ms/step, {extra()}', flush=True)
-
-
 def bench_interleaved(args, spec, name):
   """jaxdet's and torchvision's steps alternately, one of each per round, so that the machine's
   drifting speed (~10% within minutes on a shared 2-core host) hits both alike; prints the
@@ -237,10 +230,10 @@ def main():
     return
   if not args.skip_jaxdet:
     for spec in args.config:
-      bench_jaxdet(args, spec)
+      bench(args, make_jaxdet(args, spec))
   if args.torchvision is not None:
     for name in args.torchvision or ['RetinaNet']:
-      bench_torchvision(args, name)
+      bench(args, make_torchvision(args, name))
 
 
 if __name__ == '__main__':
