@@ -17,9 +17,10 @@ An mmdetection ATSS checkpoint converts to a jaxdet one (see jaxdet/convert.py):
       --out work_dirs/atss_r50_mmdet
   python -m jaxdet.evaluate --config configs/atss.py --checkpoint work_dirs/atss_r50_mmdet ...
 Smoke (the same detector, small, on the built-in shapes dataset, no pretrained weights): on the
-idle 2-core CPU 3.4 min from the command's start (dataset cached, compilation cache cold) to
-mAP 0.540 (AP50 0.718), 2026-12-03 (the dataset's first generation adds more; the shared
-machine runs up to ~1.4x slower on some days):
+idle 2-core CPU 3.9 min from the command's start (dataset cached, compilation cache cold) to
+mAP 0.542 (AP50 0.714), 2026-12-03 afternoon at ~68 img/s (3.4 min at 82 img/s that morning;
+the dataset's first generation adds more; the shared machine runs up to ~1.4x slower on some
+days):
   python -m jaxdet.train --config configs/atss.py:smoke
 """
 from configs._base_ import atss_r50_fpn, data, optimizer, runtime, schedule_1x, smoke

@@ -17,10 +17,11 @@ Optimizer as mmdetection's config: SGD lr 0.01 for 16 images, momentum 0.9, weig
 biases 2x lr and no decay, gradients clipped to norm 35; constant warmup (lr / 3) for 500 steps.
 Multi-scale 2x (38.5 box AP): configs/fcos_mstrain.py.
 Smoke (the same detector, small, on the built-in shapes dataset, no pretrained weights, so the
-backbone trains whole with trainable BN): mAP 0.502 (AP50 0.703, AP75 0.550) after 7 epochs =
-1750 steps of 8 images, in 4 min 0 s from the command's start (dataset cached, compilation cache
-cold; generating the dataset adds ~25 s) on the idle 2-core CPU at ~59 img/s (2026-12-03, with
-jaxdet's XLA:CPU flags); before them 0.480 in 8 min 43 s at the machine's slow speed (~30 img/s):
+backbone trains whole with trainable BN): mAP 0.513 (AP50 0.714, AP75 0.575) after 7 epochs =
+1750 steps of 8 images, in 4 min 56 s from the command's start (dataset cached, compilation cache
+cold; generating the dataset adds ~25 s) on the 2-core CPU at a slow hour (~49 img/s, 2026-12-03
+afternoon, GN / BN biases undecayed as mmdetection's); that morning 0.502 in 4 min 0 s at
+~59 img/s, and 0.480 in 8 min 43 s at the machine's slow speed (~30 img/s) before XLA:CPU flags:
   python -m jaxdet.train --config configs/fcos.py:smoke
 """
 from configs._base_ import data, fcos_r50_caffe_fpn_gn, optimizer, runtime, schedule_1x

@@ -20,8 +20,10 @@ Parameters: 38,567,674 (backbone 23,508,032, neck 10,690,696, head 4,368,946), a
 Smoke (the same detector, small, on the built-in shapes dataset):
   python -m jaxdet.train --config configs/nas_fcos.py:smoke
   -> mAP 0.476 in 9 min 11 s on the idle 2-core CPU (~25 img/s, dataset cached, compilation
-  cache cold, jaxdet's XLA:CPU flags; 2026-12-03). 5 epochs gave 0.419 in 7 min 57 s the same
-  hour (0.457 in 8 min 27 s before the flags): the margins are thin both ways.
+  cache cold, jaxdet's XLA:CPU flags; 2026-12-03 morning); 0.481 in 10 min 12 s (and 12 min 9 s
+  in an earlier run) that afternoon on a slower, noisier machine (~22 img/s; the morning's code
+  took 10 min 20 s then, for its 0.476). 5 epochs
+  gave 0.419 in 7 min 57 s (0.457 in 8 min 27 s before the flags): the margins are thin both ways.
 """
 from configs._base_ import data, nas_fcos_r50_caffe, optimizer, runtime, schedule_1x
 from configs._base_ import smoke as _smoke

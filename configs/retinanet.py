@@ -10,11 +10,11 @@ COCO (8 GPUs x 2 images, 12 epochs; ~36.5 mAP in mmdetection):
       --config.model.backbone.pretrained=checkpoints/resnet50-0676ba61.pth
 The loss is normalised per device as mmdetection (`model.head.avg_factor='device'`);
 `--config.model.head.avg_factor=global` normalises by the mean over devices instead.
-Smoke (the same detector, small, on the built-in shapes dataset): mAP 0.499 (AP50 0.685) after
-7 epochs = 1750 steps of 8 images, 4 on each of 2 CPU devices, in 4 min 41 s from the command's
-start (dataset cached, compilation cache cold) on the idle 2-core CPU (~59 img/s, 2026-12-03,
-with jaxdet's XLA:CPU flags); before them 0.522 in the same time at ~55 img/s, and on one CPU
-device 0.515 in 9 min 22 s at the machine's slow speed (~28 img/s):
+Smoke (the same detector, small, on the built-in shapes dataset): mAP 0.531 (AP50 0.734) after
+7 epochs = 1750 steps of 8 images, 4 on each of 2 CPU devices, in 6 min 26 s from the command's
+start (dataset cached, compilation cache cold) on the 2-core CPU at a slow, noisy hour (~47
+img/s, 2026-12-03 afternoon); that morning 0.499 in 4 min 41 s at ~59 img/s (the focal loss's
+last digits changed since), and on one CPU device 0.515 in 9 min 22 s (~28 img/s, 2026-12-02):
   python -m jaxdet.train --config configs/retinanet.py:smoke
 """
 from configs._base_ import data, optimizer, retinanet_r50_fpn, runtime, schedule_1x, smoke
