@@ -377,7 +377,8 @@ def test_caffe_backbone_bn_gets_no_gradient(tiny_caffe_fcos):
 def test_optimizer_frozen_bn_and_bias_rules(tiny_caffe_fcos):
   """configs/fcos.py's optimizer, first step (momentum buffer empty): BN of the caffe backbone
   and frozen stage 1 get a zero update even from a non-zero gradient; conv biases 2x lr and no
-  decay; kernels and GroupNorm lr x1 and decay."""
+  decay; GroupNorm biases lr x1 and no decay (mmengine: no norm_decay_mult, so a norm bias takes
+  bias_decay_mult but not bias_lr_mult); kernels and GroupNorm scales lr x1 and decay."""
   config, params, _, _ = tiny_caffe_fcos
   opt = config.optimizer
   assert (opt.paramwise.bias_lr_mult, opt.paramwise.bias_decay_mult, opt.grad_clip) == (2.0, 0.0,
@@ -395,6 +396,8 @@ def test_optimizer_frozen_bn_and_bias_rules(tiny_caffe_fcos):
       expected = np.zeros_like(p[k])
     elif k.endswith('/bias') and '_gns_' not in k:         # conv biases (FPN, head)
       expected = -2 * lr * g[k]
+    elif k.endswith('/bias'):                              # GroupNorm biases
+      expected = -lr * g[k]
     else:                                                  # kernels, GroupNorm, Scale
       expected = -lr * (g[k] + wd * p[k])
     np.testing.assert_allclose(u[k], expected, rtol=1e-5, atol=1e-12, err_msg=k)
