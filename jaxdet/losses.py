@@ -32,13 +32,9 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 def mean_over_devices(x, axis_name):
-  """mmdetection's ``reduce_mean``: the mean of ``x`` (any pytree) over the device axis
-  ``axis_name``; the identity for None or an axis of size 1 (no all-reduce then: on one CPU
-  device XLA's copy of a model's gradients costs ~20 ms a step). The only place where losses
-  and steps see the device axis."""
-  if axis_name is None or jax.lax.axis_size(axis_name) == 1:
-    return x
-  return jax.lax.pmean(x, axis_name)
+  """mmdetection's ``reduce_mean``: the mean of ``x`` over the device axis ``axis_name`` (the
+  identity for None, one device). The only place where losses see the device axis."""
+  return jax.lax.pmean(x, axis_name) if axis_name is not None else x
 
 
 def reduce_loss(loss, weights=None, *, reduction="mean", avg_factor=None):

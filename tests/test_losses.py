@@ -404,13 +404,3 @@ def test_bad_arguments_raise_value_error(call):
   with pytest.raises(ValueError):
     call()
 
-
-def test_mean_over_devices_skips_the_all_reduce_on_one_device():
-  """On one device the mean is the identity with no all-reduce in the compiled program (XLA
-  keeps one, a copy of every gradient, otherwise); None is the identity too."""
-  f = jax.pmap(lambda v: L.mean_over_devices(v * 2, "b"), axis_name="b",
-               devices=jax.local_devices()[:1])
-  x = jnp.arange(4.0)[None]
-  assert "all-reduce" not in f.lower(x).compile().as_text()
-  np.testing.assert_array_equal(f(x), x * 2)
-  assert L.mean_over_devices(x, None) is x

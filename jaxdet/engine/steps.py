@@ -15,7 +15,6 @@ smoke step and ~30 s of its compile on the CPU (experiments/README.md).
 import jax
 import optax
 
-from jaxdet.losses import mean_over_devices
 from jaxdet.ops.image import normalize_images
 
 AXIS = 'batch'
@@ -49,13 +48,13 @@ def train_step(state, batch, *, detector, tx, pipeline, dtype, seed=0, axis_name
     return _total(losses), (losses, mutated)
 
   (loss, (losses, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-  grads = mean_over_devices(grads, axis_name)
+  grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   new_state = dict(step=state['step'] + 1, params=optax.apply_updates(state['params'], updates),
-                   batch_stats=mean_over_devices(mutated.get('batch_stats', {}), axis_name),
+                   batch_stats=jax.lax.pmean(mutated.get('batch_stats', {}), axis_name),
                    opt_state=opt_state)
   metrics = dict(losses, loss=loss, grad_norm=optax.tree.norm(grads))
-  return new_state, mean_over_devices(metrics, axis_name)
+  return new_state, jax.lax.pmean(metrics, axis_name)
 
 
 def val_step(state, batch, *, detector, pipeline, dtype, axis_name=AXIS):
@@ -65,7 +64,7 @@ def val_step(state, batch, *, detector, pipeline, dtype, axis_name=AXIS):
   outputs = detector.module.apply(variables, _images(batch, pipeline, dtype), batch['img_shape'],
                                   train=False)
   losses = detector.loss(outputs, batch, axis_name=axis_name)
-  return mean_over_devices(dict(losses, loss=_total(losses)), axis_name)
+  return jax.lax.pmean(dict(losses, loss=_total(losses)), axis_name)
 
 
 def predict_step(state, batch, *, detector, pipeline, dtype):
