@@ -101,7 +101,7 @@ def sigmoid_focal_loss(logits, targets, weights=None, *, alpha=0.25, gamma=2.0,
   return reduce_loss(bce * focal_weight, weights, reduction=reduction, avg_factor=avg_factor)
 
 
-def _focal_terms(x, is_target, alpha, gamma):
+def _focal_terms(x, is_target, alpha):
   """With z = -x for a target, x otherwise (the logit of the wrong answer): the weight a_t,
   s = sigmoid(z) (p_wrong), 1 - s and softplus(z) (the BCE), from one exp and one log1p."""
   z = jnp.where(is_target, -x, x)
@@ -124,7 +124,7 @@ def binary_focal_loss(logits, is_target, alpha, gamma):
   ``is_target`` (same shape), z and s as in ``_focal_terms``; ``sigmoid_focal_loss``'s values.
   The gradient is closed-form: d/dz = a_t s**gamma (gamma (1 - s) softplus(z) + s), exact at
   z = 0 and for any |z|; ``alpha`` and ``gamma`` are Python numbers."""
-  a_t, s, _, bce = _focal_terms(logits, is_target, alpha, gamma)
+  a_t, s, _, bce = _focal_terms(logits, is_target, alpha)
   return a_t * _pow(s, gamma) * bce
 
 
@@ -134,7 +134,7 @@ def _binary_focal_fwd(logits, is_target, alpha, gamma):
 
 def _binary_focal_bwd(alpha, gamma, residuals, g):
   logits, is_target = residuals
-  a_t, s, one_minus_s, bce = _focal_terms(logits, is_target, alpha, gamma)
+  a_t, s, one_minus_s, bce = _focal_terms(logits, is_target, alpha)
   d_z = a_t * _pow(s, gamma) * (gamma * one_minus_s * bce + s)
   return g * jnp.where(is_target, -d_z, d_z), None
 
